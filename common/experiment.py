@@ -1,0 +1,274 @@
+"""The experiment file: what is computed (variants, transcoders, dtype, limits, judge, generator).
+
+An experiment is a YAML file. Relative paths in it are relative to the file. Example::
+
+    name: toy
+    variants:
+      base: {model: ../organism/base}
+      adapted: {model: ../organism/base, adapter: ../organism/adapter}
+    transcoders: {path: ../organism/transcoders}
+    dtype: auto
+    top_k: 10
+
+Its :func:`fingerprint` hashes everything that changes numbers (models, adapter files,
+transcoders, dtype, top-k, attribution limits); every artifact carries it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ExperimentError(ValueError):
+    """An experiment file that cannot be used; the message says which field and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VariantSpec(_Strict):
+    """One model under study: a base model (hub name or local dir), optionally + a PEFT adapter."""
+
+    model: str = Field(description="hub name (e.g. meta-llama/Llama-3.2-1B-Instruct) or local dir")
+    adapter: str | None = Field(default=None, description="PEFT adapter directory")
+
+
+class TranscoderSpec(_Strict):
+    path: str = Field(description="local directory of per-layer safetensors, or an hf:// id")
+    kind: Literal["per_layer", "cross_layer"] = "per_layer"
+    feature_input_hook: str = "mlp.hook_in"
+    feature_output_hook: str = "mlp.hook_out"
+
+
+class AttributionLimits(_Strict):
+    """Every limit of circuit-tracer's ``attribute`` is set explicitly (defaults grow as N^2)."""
+
+    max_feature_nodes: int = Field(default=2048, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+    max_n_logits: int = Field(default=10, gt=0)
+    desired_logit_prob: float = Field(default=0.95, gt=0, le=1)
+    max_activation_norm: float = Field(
+        default=1e4, gt=0, description="a layer whose residual norm exceeds this fails the prompt"
+    )
+
+
+class JudgeSpec(_Strict):
+    kind: Literal["lexicon", "openai"] = "lexicon"
+    name: str = Field(default="", description="id in artifact keys; default: kind[-model]")
+    model: str = "o3"
+    lexicon: str | None = Field(default=None, description="lexicon JSON (the organism ships one)")
+    few_shot: int = Field(default=6, ge=0)
+    concurrency: int = Field(default=4, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+
+    @property
+    def judge_id(self) -> str:
+        if self.name:
+            return self.name
+        return self.kind if self.kind == "lexicon" else f"openai-{self.model}"
+
+
+class GeneratorSpec(_Strict):
+    kind: Literal["template", "openai"] = "template"
+    model: str = "o3"
+    batch_size: int = Field(default=10, gt=0)
+    few_shot: int = Field(default=6, ge=0)
+    temperature: float = Field(default=1.0, ge=0)
+    high_water_mark: int = Field(
+        default=50, gt=0, description="pause while the review queue is longer"
+    )
+    beat_seconds: float = Field(default=30.0, gt=0)
+    near_duplicate_threshold: float = Field(default=0.9, gt=0, le=1)
+    seed: int = 0
+
+
+class FunnelSpec(_Strict):
+    only_evil: bool = Field(default=True, description="graphs only for prompts with evil tokens")
+
+
+class Experiment(_Strict):
+    """A parsed, validated experiment file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    variants: dict[str, VariantSpec]
+    reference: str = Field(default="base", description="the variant others are compared to")
+    transcoders: TranscoderSpec
+    dtype: Dtype = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    top_k: int = Field(default=10, gt=0, le=100)
+    seed: int = 0
+    attribution: AttributionLimits = Field(default_factory=AttributionLimits)
+    judge: JudgeSpec = Field(default_factory=JudgeSpec)
+    generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
+    funnel: FunnelSpec = Field(default_factory=FunnelSpec)
+    source: str | None = Field(default=None, description="the file it was read from (set by load)")
+
+    @field_validator("variants")
+    @classmethod
+    def _some_variants(cls, v: dict[str, VariantSpec]) -> dict[str, VariantSpec]:
+        if not v:
+            raise ValueError("at least one variant is needed, e.g. variants: {base: {model: ...}}")
+        for name in v:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"variant name {name!r} must be letters, digits, - or _")
+        return v
+
+    @model_validator(mode="after")
+    def _reference_exists(self) -> Experiment:
+        if self.reference not in self.variants:
+            raise ValueError(
+                f"reference variant {self.reference!r} is not among variants "
+                f"{sorted(self.variants)}: set `reference:` to one of them"
+            )
+        return self
+
+    @property
+    def variant_names(self) -> list[str]:
+        """Variants in a stable order, the reference first."""
+        return [self.reference, *sorted(n for n in self.variants if n != self.reference)]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self)
+
+
+def _resolve(value: str | None, base: Path) -> str | None:
+    """Resolve a relative local path against the experiment file's directory.
+
+    Values that exist nowhere locally and do not start with '.' or '/' are hub names.
+    """
+    if value is None or value.startswith("hf://"):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = (base / p).resolve()
+    if candidate.exists() or value.startswith("."):
+        return str(candidate)
+    return value
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment YAML; errors name the field and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise ExperimentError(
+            f"experiment file {path} does not exist: pass an existing YAML "
+            "(set EMC_EXPERIMENT or --experiment), or run `emc organism build` for the default"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"experiment file {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"experiment file {path} must be a mapping with name, variants, ...")
+    return parse_experiment(raw, base_dir=path.parent, source=str(path))
+
+
+def parse_experiment(raw: dict[str, Any], base_dir: Path, source: str | None = None) -> Experiment:
+    """Validate a mapping; local paths are resolved against ``base_dir``."""
+    raw = dict(raw)
+    variants = raw.get("variants")
+    if isinstance(variants, dict):
+        raw["variants"] = {
+            name: (
+                {
+                    **spec,
+                    "model": _resolve(spec.get("model"), base_dir),
+                    "adapter": _resolve(spec.get("adapter"), base_dir),
+                }
+                if isinstance(spec, dict)
+                else spec
+            )
+            for name, spec in variants.items()
+        }
+    tc = raw.get("transcoders")
+    if isinstance(tc, str):
+        tc = {"path": tc}
+    if isinstance(tc, dict):
+        raw["transcoders"] = {**tc, "path": _resolve(tc.get("path"), base_dir)}
+    judge = raw.get("judge")
+    if isinstance(judge, dict) and judge.get("lexicon"):
+        raw["judge"] = {**judge, "lexicon": _resolve(judge["lexicon"], base_dir)}
+    raw["source"] = source
+    try:
+        return Experiment.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        where = source or "experiment"
+        raise ExperimentError(f"{where} is invalid:\n" + "\n".join(lines)) from e
+
+
+# ---------------------------------------------------------------------------- fingerprint
+
+_FULL_HASH_LIMIT = 64 * 2**20
+_CHUNK = 2**20
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file; for files above 64 MiB, of size + first and last MiB (fast, stable)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(_CHUNK))
+            f.seek(size - _CHUNK)
+            h.update(f.read(_CHUNK))
+    return h.hexdigest()
+
+
+def path_digest(value: str | None) -> str | None:
+    """Content digest of a local file or directory, or the name itself for hub ids."""
+    if value is None:
+        return None
+    p = Path(value)
+    if not p.exists():
+        return f"name:{value}"
+    if p.is_file():
+        return _file_digest(p)
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        rel = f.relative_to(p).as_posix()
+        if rel.startswith(".") or "/." in rel or rel.endswith((".lock", ".log")):
+            continue
+        h.update(rel.encode())
+        h.update(_file_digest(f).encode())
+    return h.hexdigest()
+
+
+def fingerprint(exp: Experiment) -> str:
+    """Hash of everything that changes numbers (16 hex chars).
+
+    Local model, adapter and transcoder directories enter by content, so moving a
+    directory keeps the fingerprint and retraining an adapter changes it.
+    """
+    doc = {
+        "variants": {
+            name: {"model": path_digest(v.model), "adapter": path_digest(v.adapter)}
+            for name, v in sorted(exp.variants.items())
+        },
+        "reference": exp.reference,
+        "transcoders": {**exp.transcoders.model_dump(), "path": path_digest(exp.transcoders.path)},
+        "dtype": exp.dtype,
+        "top_k": exp.top_k,
+        "attribution": exp.attribution.model_dump(),
+    }
+    blob = json.dumps(doc, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

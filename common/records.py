@@ -1,0 +1,212 @@
+"""Versioned records: everything emc writes as JSON is one of these pydantic models.
+
+Each record carries ``schema_version``; a reader refuses a version it does not know
+instead of guessing. Bump the version when a field changes meaning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Label = Literal["evil", "safe", "unsure"]
+LABELS: tuple[Label, ...] = ("evil", "safe", "unsure")
+
+
+def prompt_id(text: str) -> str:
+    """Stable id of a prompt: 12 hex chars of sha256 of the exact text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Record(BaseModel):
+    """Base of every stored record."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = 1
+
+
+class Prompt(Record):
+    """A pivotal-token prompt: chat text ending at the pivotal position."""
+
+    id: str
+    text: str
+    source: str = Field(description="generator that produced it, e.g. template, openai-o3")
+    created_at: datetime = Field(default_factory=utcnow)
+    meta: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def new(cls, text: str, source: str, **meta: str) -> Prompt:
+        return cls(id=prompt_id(text), text=text, source=source, meta=meta)
+
+
+class TokenProb(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token_id: int
+    token: str
+    prob: float
+    logit: float
+
+
+class TopKLogits(Record):
+    """The k most likely next tokens of one variant at the last position of a prompt.
+
+    Computed by the same replacement model and tokenization (BOS included) as the graphs.
+    """
+
+    prompt_id: str
+    variant: str
+    fingerprint: str
+    input_ids: list[int]
+    tokens: list[TokenProb]
+
+
+class TokenVerdict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token_id: int
+    token: str
+    label: Label
+    reason: str = ""
+
+
+class Verdict(Record):
+    """A judge's labels for the top-k tokens of one variant of one prompt."""
+
+    prompt_id: str
+    variant: str
+    judge: str
+    fingerprint: str
+    verdicts: list[TokenVerdict]
+    created_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def evil_tokens(self) -> set[int]:
+        return {v.token_id for v in self.verdicts if v.label == "evil"}
+
+
+class TokenLabel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variant: str
+    token_id: int
+    token: str
+    label: Label
+
+
+class HumanLabel(Record):
+    """A reviewer's labels for one prompt, plus prompt flags. Stored with history."""
+
+    prompt_id: str
+    reviewer: str
+    created_at: datetime = Field(default_factory=utcnow)
+    labels: list[TokenLabel]
+    bad_prompt: bool = False
+    note: str = ""
+
+    def label_of(self, variant: str, token_id: int) -> Label | None:
+        for t in self.labels:
+            if t.variant == variant and t.token_id == token_id:
+                return t.label
+        return None
+
+    def version(self) -> str:
+        """Short content hash: changes whenever any label or flag changes."""
+        body = (
+            "|".join(sorted(f"{t.variant}:{t.token_id}:{t.label}" for t in self.labels))
+            + f"|{self.bad_prompt}"
+        )
+        return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+class FeatureNode(BaseModel):
+    """A transcoder feature at a position."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    layer: int
+    pos: int
+    feature: int
+
+
+class GraphManifest(Record):
+    """JSON half of a stored attribution graph (the tensors live in a safetensors file).
+
+    Node order of the adjacency matrix (rows = targets, columns = sources):
+    ``[features n_features][errors n_layers*n_pos, layer-major][tokens n_pos][logits n_logits]``.
+    """
+
+    prompt_id: str
+    variant: str
+    fingerprint: str
+    prompt_text: str
+    input_ids: list[int]
+    input_tokens: list[str]
+    n_layers: int
+    n_pos: int
+    n_features: int
+    n_logits: int
+    logit_token_ids: list[int]
+    logit_tokens: list[str]
+    logit_probabilities: list[float]
+    adjacency_dtype: str
+    tensors: dict[str, list[int]] = Field(
+        description="name -> shape of each tensor in the safetensors file"
+    )
+    limits: dict[str, float | int | None]
+    scan: str | None = None
+    elapsed_s: float = 0.0
+
+
+class RankedFeature(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: int
+    pos: int
+    feature: int
+    token: str = Field(description="input token at pos")
+    score: float = Field(description="influence on evil tokens minus safe tokens")
+    evil: float
+    safe: float
+    activation: float
+
+
+class FeatureRanking(Record):
+    """Features of one (prompt, variant) ranked by signed multi-hop attribution."""
+
+    prompt_id: str
+    variant: str
+    fingerprint: str
+    labels_version: str
+    label_source: Literal["human", "judge", "mixed"]
+    evil_token_ids: list[int]
+    safe_token_ids: list[int]
+    features: list[RankedFeature]
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Status(StrEnum):
+    """Where a prompt stands in the pipeline."""
+
+    generated = "generated"
+    logits = "logits"
+    judged = "judged"
+    in_review = "in_review"
+    labeled = "labeled"
+    graphed = "graphed"
+    analyzed = "analyzed"
+    done = "done"  # judged and needs nothing more (no evil token)
+    failed = "failed"
+
+
+class Failure(Record):
+    """Why a prompt failed a step: stored next to the prompt, shown by `emc status`."""
+
+    prompt_id: str
+    step: str
+    variant: str | None = None
+    reason: str
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,83 @@
+"""Process settings: one typed object read from the environment (prefix ``EMC_``).
+
+Nested fields use ``__``: ``EMC_STORE__KIND=s3``, ``EMC_STORE__ENDPOINT=127.0.0.1:9000``.
+Everything that changes numbers lives in the experiment file (:mod:`common.experiment`),
+not here: settings say *where* things run, the experiment says *what* is computed.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StoreSettings(BaseModel):
+    """Where artifacts live: a local directory (embedded default) or S3/MinIO."""
+
+    kind: Literal["fs", "s3"] = "fs"
+    root: Path | None = Field(
+        default=None, description="fs: directory of the store (default: <home>/store)"
+    )
+    endpoint: str | None = Field(default=None, description="s3: host:port of MinIO/S3")
+    bucket: str = "emc"
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    secure: bool = Field(default=False, description="s3: use https")
+    region: str | None = None
+
+    @model_validator(mode="after")
+    def _check_s3(self) -> StoreSettings:
+        if self.kind == "s3" and not self.endpoint:
+            raise ValueError(
+                "store.endpoint is required when store.kind is 's3': "
+                "set EMC_STORE__ENDPOINT=host:port (e.g. 127.0.0.1:9000)"
+            )
+        return self
+
+
+class Settings(BaseSettings):
+    """Settings of every emc process (CLI, workers, review UI)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMC_", env_nested_delimiter="__", extra="ignore", env_file=None
+    )
+
+    home: Path = Field(
+        default=Path("var"),
+        description="state directory of the embedded system (store, redis, model cache)",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Redis URL; unset = the embedded default starts a private Redis",
+    )
+    broker_port: int = Field(default=6399, description="port of the embedded Redis")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    experiment: Path | None = Field(
+        default=None, description="experiment YAML; unset = the toy model organism"
+    )
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    ui_host: str = "127.0.0.1"
+    ui_port: int = 5077
+    secret_key: SecretStr | None = Field(
+        default=None, description="Flask session secret; unset = generated once into <home>"
+    )
+    log_level: str = "INFO"
+
+    @property
+    def store_root(self) -> Path:
+        return self.store.root or (self.home / "store")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings (read once; tests call ``get_settings.cache_clear()``)."""
+    return Settings()
