@@ -55,6 +55,29 @@ class Settings(BaseSettings):
         description="Redis URL; unset = the embedded default starts a private Redis",
     )
     broker_port: int = Field(default=6399, description="port of the embedded Redis")
+    visibility_timeout_s: float = Field(
+        default=7200.0,
+        gt=0,
+        description="seconds before Redis hands an unacknowledged task to another worker; "
+        "must exceed the longest task (else a healthy worker's task runs twice). "
+        "A task of a killed worker returns after this long.",
+    )
+    unacked_restore_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="how often (s) a worker looks for tasks of dead workers whose visibility "
+        "timeout has passed (kombu unacked_restore_interval)",
+    )
+    unacked_restore_throttle: int = Field(
+        default=6,
+        ge=1,
+        description="scan Redis on every Nth look only (sweep period = unacked_restore_s × this)",
+    )
+    max_restarts: int = Field(
+        default=3,
+        ge=0,
+        description="`emc up`: restarts of a process that died before the whole system stops",
+    )
     store: StoreSettings = Field(default_factory=StoreSettings)
     experiment: Path | None = Field(
         default=None, description="experiment YAML; unset = the toy model organism"
