@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from common.errors import PromptFailure
 
-class AnalysisError(RuntimeError):
+STEP = "analysis"
+
+
+class AnalysisError(PromptFailure):
     """A prompt's graph or labels cannot be analysed; the message says why and what to do.
 
-    ``prompt_id``/``variant`` are set when known so the caller can store a
-    :class:`common.records.Failure` for that prompt and step.
+    A :class:`~common.errors.PromptFailure` of step ``analysis``: callers store
+    :meth:`to_record` next to the prompt.
     """
 
-    def __init__(self, reason: str, *, prompt_id: str | None = None, variant: str | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.prompt_id = prompt_id
-        self.variant = variant
-
-    def __str__(self) -> str:
-        where = "/".join(x for x in (self.prompt_id, self.variant) if x)
-        return f"{where}: {self.reason}" if where else self.reason
+    def __init__(
+        self,
+        reason: str,
+        *,
+        prompt_id: str | None = None,
+        variant: str | None = None,
+        step: str = STEP,
+    ) -> None:
+        super().__init__(step, reason, variant=variant, prompt_id=prompt_id)

@@ -24,20 +24,20 @@ class LinearNet:
     bias: torch.Tensor  # [F] float64
     inputs: torch.Tensor  # [E + T] float64 values of error and token nodes
 
-    def run(self, off: int | None = None) -> torch.Tensor:
-        """Logits [K] of the network; ``off`` = a source node forced to 0 (recomputed after)."""
+    def run(self, off: int | None = None, factor: float = 0.0) -> torch.Tensor:
+        """Logits [K] of the network; source ``off`` scaled by ``factor`` (0: switched off)."""
         g = self.graph
         f = g.n_features
         n_src = g.token_slice.stop
         values = torch.zeros(n_src, dtype=torch.float64)
         values[f:] = self.inputs
         if off is not None and off >= f:
-            values[off] = 0.0
+            values[off] *= factor
         order = sorted(range(f), key=lambda i: int(g.features[i, 0]))
         for t in order:
             values[t] = self.weights[t, :n_src] @ values + self.bias[t]
             if t == off:
-                values[t] = 0.0
+                values[t] *= factor
         return self.weights[g.logit_slice, :n_src] @ values
 
 

@@ -1,0 +1,248 @@
+"""Rank the transcoder features of one (prompt, variant) by what they do to evil vs safe tokens.
+
+Direction (chosen and fixed here): the first-order change of the **log-odds of evil vs
+safe probability mass**, ``log(P_evil / P_safe)`` with ``P_X = sum_{k in X} p_k``. Its
+gradient with respect to logit ``z_k`` is ``p_k / P_evil`` for an evil token and
+``-p_k / P_safe`` for a safe one, so a source's score is::
+
+    score = sum_evil (p_k / P_evil) T[k, s]  -  sum_safe (p_k / P_safe) T[k, s]
+          =        evil                      -        safe
+
+with ``T`` the signed multi-hop influence (:mod:`services.analysis.influence`) and ``p`` the
+graph's own logit probabilities. It is a logit difference in which each token counts by
+its share of its group's mass (a token the model barely predicts counts little), and the
+weights sum to zero, so circuit-tracer's demeaning of logits cancels out. A positive score:
+the feature (at its actual activation) pushes the model towards the evil tokens. With no
+safe token among the graph's logits ``safe`` is 0 and the score is the effect on the evil
+log-mass alone (relative to the mean logit).
+
+Labels: the current human label of each token when there is one (it wins, ``unsure``
+included), the judge's verdict otherwise; ``unsure`` tokens count in neither group. The
+ranking is cached per prompt, variant, fingerprint and labels version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from common.experiment import Experiment
+from common.graphs import AttributionGraph
+from common.labels import current_label
+from common.records import FeatureRanking, Label, RankedFeature, Verdict
+from common.store import NotFound, ObjectStore
+from common.store import keys as K
+from services.analysis.errors import AnalysisError
+from services.analysis.influence import LogitInfluence, logit_influence
+
+log = logging.getLogger(__name__)
+
+LabelSource = Literal["human", "judge", "mixed"]
+GraphLoader = Callable[[ObjectStore, str, str, str, str], AttributionGraph]
+
+
+@dataclass(frozen=True)
+class TokenLabels:
+    """Effective evil/safe labels of one variant's tokens (``unsure`` already dropped)."""
+
+    labels: Mapping[int, Label]  # token id -> "evil" | "safe"
+    source: LabelSource
+    origin: Mapping[int, str]  # token id -> "human" | "judge:<id>" (what each label came from)
+
+    @property
+    def version(self) -> str:
+        """Content hash of the labels used: changes when any used label or its origin does."""
+        body = "|".join(
+            f"{tid}:{self.labels[tid]}:{self.origin.get(tid, '')}" for tid in sorted(self.labels)
+        )
+        return hashlib.sha256(f"{self.source}|{body}".encode()).hexdigest()[:12]
+
+    @classmethod
+    def given(cls, labels: Mapping[int, Label], source: LabelSource = "human") -> TokenLabels:
+        """Labels passed in directly (tests, the organism's lexicon, notebooks)."""
+        kept = {t: lab for t, lab in labels.items() if lab != "unsure"}
+        return cls(labels=kept, source=source, origin={t: source for t in kept})
+
+
+def resolve_labels(
+    store: ObjectStore, exp: str, pid: str, fingerprint: str, variant: str, judge_id: str
+) -> TokenLabels:
+    """Human labels where present, judge verdicts otherwise; ``unsure`` excluded."""
+    human = current_label(store, exp, pid)
+    try:
+        verdict: Verdict | None = store.get_record(
+            K.verdicts(exp, pid, fingerprint, judge_id, variant), Verdict
+        )
+    except NotFound:
+        verdict = None
+    chosen: dict[int, Label] = {}
+    origin: dict[int, str] = {}
+    if verdict is not None:
+        for v in verdict.verdicts:
+            chosen[v.token_id], origin[v.token_id] = v.label, f"judge:{judge_id}"
+    if human is not None:
+        for t in human.labels:
+            if t.variant == variant:
+                chosen[t.token_id], origin[t.token_id] = t.label, "human"
+    if not chosen:
+        raise AnalysisError(
+            f"no labels for variant {variant!r}: neither a human label nor a verdict of judge "
+            f"{judge_id!r}; run the judge (or label the prompt in the review UI) first",
+            prompt_id=pid,
+            variant=variant,
+        )
+    used = {t: lab for t, lab in chosen.items() if lab != "unsure"}
+    kinds = {"human" if origin[t] == "human" else "judge" for t in used}
+    source: LabelSource = (
+        "mixed" if len(kinds) > 1 else ("human" if kinds == {"human"} else "judge")
+    )
+    return TokenLabels(labels=used, source=source, origin={t: origin[t] for t in used})
+
+
+@dataclass(frozen=True)
+class SourceScores:
+    """Evil-minus-safe scores of every source node (features, errors, tokens) of one graph."""
+
+    score: torch.Tensor  # [S] float64
+    evil: torch.Tensor  # [S]
+    safe: torch.Tensor  # [S]
+    evil_token_ids: list[int]
+    safe_token_ids: list[int]
+    influence: LogitInfluence
+
+
+def direction_weights(
+    graph: AttributionGraph, labels: Mapping[int, Label]
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Per-logit weights of the evil and safe groups (each sums to 1) and the ids used."""
+    m = graph.manifest
+    probs = torch.tensor(m.logit_probabilities, dtype=torch.float64)
+    evil_idx = [k for k, t in enumerate(m.logit_token_ids) if labels.get(t) == "evil"]
+    safe_idx = [k for k, t in enumerate(m.logit_token_ids) if labels.get(t) == "safe"]
+    if not evil_idx:
+        wanted = sorted(t for t, lab in labels.items() if lab == "evil")
+        raise AnalysisError(
+            f"none of the evil tokens {wanted} is a logit node of the graph (logit nodes: "
+            f"{m.logit_token_ids}): nothing to explain; raise the graph's max_n_logits or "
+            "check that labels and graph come from the same fingerprint",
+            prompt_id=m.prompt_id,
+            variant=m.variant,
+        )
+
+    def group(idx: list[int]) -> torch.Tensor:
+        w = torch.zeros(len(probs), dtype=torch.float64)
+        if idx:
+            p = probs[idx]
+            if not bool(torch.isfinite(p).all()) or float(p.sum()) <= 0:
+                raise AnalysisError(
+                    f"logit probabilities {p.tolist()} are not usable weights",
+                    prompt_id=m.prompt_id,
+                    variant=m.variant,
+                )
+            w[idx] = p / p.sum()
+        return w
+
+    ids = m.logit_token_ids
+    return group(evil_idx), group(safe_idx), [ids[k] for k in evil_idx], [ids[k] for k in safe_idx]
+
+
+def score_sources(graph: AttributionGraph, labels: Mapping[int, Label]) -> SourceScores:
+    """Score every source node along the evil-vs-safe log-odds direction (module docstring)."""
+    w_evil, w_safe, evil_ids, safe_ids = direction_weights(graph, labels)
+    inf = logit_influence(graph)
+    evil = w_evil @ inf.total
+    safe = w_safe @ inf.total
+    return SourceScores(evil - safe, evil, safe, evil_ids, safe_ids, inf)
+
+
+def rank_features(graph: AttributionGraph, labels: TokenLabels) -> FeatureRanking:
+    """The :class:`FeatureRanking` of one graph: every feature node, highest score first."""
+    m = graph.manifest
+    s = score_sources(graph, labels.labels)
+    f = graph.n_features
+    feats = graph.features.tolist()
+    acts = graph.activations.tolist()
+    ranked = [
+        RankedFeature(
+            layer=int(feats[i][0]),
+            pos=int(feats[i][1]),
+            feature=int(feats[i][2]),
+            token=m.input_tokens[int(feats[i][1])],
+            score=float(s.score[i]),
+            evil=float(s.evil[i]),
+            safe=float(s.safe[i]),
+            activation=float(acts[i]),
+        )
+        for i in range(f)
+    ]
+    ranked.sort(key=lambda r: (-r.score, r.layer, r.pos, r.feature))
+    return FeatureRanking(
+        prompt_id=m.prompt_id,
+        variant=m.variant,
+        fingerprint=m.fingerprint,
+        labels_version=labels.version,
+        label_source=labels.source,
+        evil_token_ids=s.evil_token_ids,
+        safe_token_ids=s.safe_token_ids,
+        features=ranked,
+    )
+
+
+def default_graph_loader() -> GraphLoader:
+    """The attribution service's graph reader (imported late: it pulls in torch/safetensors)."""
+    from services.attribution import artifact  # type: ignore[attr-defined,unused-ignore]
+
+    def load(store: ObjectStore, exp: str, pid: str, fp: str, variant: str) -> AttributionGraph:
+        return artifact.load_graph(store, exp, pid, fp, variant)
+
+    return load
+
+
+def rank_prompt(
+    store: ObjectStore,
+    exp: Experiment,
+    pid: str,
+    variant: str,
+    *,
+    fingerprint: str | None = None,
+    labels: TokenLabels | None = None,
+    load_graph: GraphLoader | None = None,
+) -> FeatureRanking:
+    """Rank (and store at ``keys.features``) the features of one prompt and variant.
+
+    Skips the work when a ranking with the same labels version is already stored.
+    ``fingerprint`` defaults to ``exp.fingerprint`` (pass it when known: computing it
+    hashes the model files); ``labels`` default to :func:`resolve_labels`.
+    """
+    fp = fingerprint or exp.fingerprint
+    if labels is None:
+        labels = resolve_labels(store, exp.name, pid, fp, variant, exp.judge.judge_id)
+    key = K.features(exp.name, pid, fp, variant)
+    try:
+        cached = store.get_record(key, FeatureRanking)
+        if cached.labels_version == labels.version and cached.fingerprint == fp:
+            return cached
+    except NotFound:
+        pass
+    graph = (load_graph or default_graph_loader())(store, exp.name, pid, fp, variant)
+    if graph.manifest.fingerprint != fp:
+        raise AnalysisError(
+            f"graph was computed under fingerprint {graph.manifest.fingerprint}, not {fp}",
+            prompt_id=pid,
+            variant=variant,
+        )
+    ranking = rank_features(graph, labels)
+    store.put_json(key, ranking)
+    log.info(
+        "ranked %d features of %s/%s (%s labels)",
+        len(ranking.features),
+        pid,
+        variant,
+        labels.source,
+    )
+    return ranking
