@@ -1,0 +1,163 @@
+"""The one Celery app of emc: queues, routing, reliability settings, the task base class.
+
+Tasks are named ``emc.<queue>.<name>`` and go to that queue (``generate``, ``judge``,
+``gpu``, ``analysis``). Every task is acknowledged late and requeued if its worker dies
+(``visibility_timeout`` bounds how long a dead worker's task waits), messages are JSON
+only, and results are ignored (tasks write artifacts to the store and enqueue the next
+step; they never wait on each other).
+
+Service task modules are listed in :data:`TASK_MODULES`; those that exist are imported by
+every worker. A new service adds its ``tasks`` module there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+from celery import Celery, Task, signals
+from kombu import Exchange, Queue
+
+from common.broker import broker_url, is_up
+from common.settings import Settings, get_settings
+from common.supervisor import QUEUES
+
+TASK_MODULES: tuple[str, ...] = (
+    "services.generator.tasks",
+    "services.judge.tasks",
+    "services.attribution.tasks",
+    "services.analysis.tasks",
+)
+"""Modules that define tasks; each worker imports those that exist."""
+
+
+class TransientError(Exception):
+    """A fault worth retrying (network blip, rate limit, broker hiccup); anything else fails."""
+
+
+def route_task(
+    name: str,
+    args: Any = None,
+    kwargs: Any = None,
+    options: Any = None,
+    task: Any = None,
+    **kw: Any,
+) -> dict[str, str] | None:
+    """Route ``emc.<queue>.*`` to ``<queue>``; refuse other names (they would sit unconsumed)."""
+    if name.startswith("celery."):
+        return None
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[0] == "emc" and parts[1] in QUEUES:
+        return {"queue": parts[1]}
+    raise ValueError(
+        f"task {name!r} has no queue: name tasks emc.<queue>.<name> with queue one of "
+        f"{', '.join(QUEUES)}"
+    )
+
+
+def existing_modules(names: tuple[str, ...] = TASK_MODULES) -> list[str]:
+    """The task modules that exist in this installation (services added over time)."""
+    found = []
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                found.append(name)
+        except ModuleNotFoundError:
+            continue
+    return found
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Apply emc's settings to ``app`` (broker URL, queues, reliability, serialization)."""
+    transport = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_restore_interval": settings.unacked_restore_s,
+        "unacked_restore_throttle": settings.unacked_restore_throttle,
+    }
+    app.conf.update(
+        broker_url=broker_url(settings),
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        task_routes=(route_task,),
+        task_default_queue=QUEUES[0],
+        worker_hijack_root_logger=True,
+        worker_redirect_stdouts_level="INFO",
+        include=existing_modules(),
+        timezone="UTC",
+        enable_utc=True,
+    )
+
+
+class _TaskLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes messages with ``[task=<id> prompt=<id>]`` and adds both as record fields."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = dict(self.extra or {})
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"[task={extra.get('task_id')} prompt={extra.get('prompt_id')}] {msg}", kwargs
+
+
+class EmcTask(Task):  # type: ignore[misc]
+    """Base of every emc task: late ack, retries with backoff on :class:`TransientError` only.
+
+    ``self.log`` is a logger whose records carry the task id and the prompt id (the
+    ``prompt_id`` keyword argument of the call, if any).
+    """
+
+    autoretry_for = (TransientError,)
+    retry_backoff = 2
+    retry_backoff_max = 600
+    retry_jitter = True
+    max_retries = 5
+    acks_late = True
+    reject_on_worker_lost = True
+
+    @property
+    def log(self) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+        request = self.request
+        kwargs = request.kwargs or {}
+        return _TaskLog(
+            logging.getLogger(self.name),
+            {"task_id": request.id, "prompt_id": kwargs.get("prompt_id", "-")},
+        )
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    app = Celery("emc", task_cls=EmcTask)
+    configure(app, settings or get_settings())
+    return app
+
+
+app = make_app()
+
+
+@signals.celeryd_init.connect
+def _require_broker(sender: Any = None, conf: Any = None, **kwargs: Any) -> None:
+    """A worker without EMC_BROKER_URL needs the embedded Redis of `emc up`: fail clearly."""
+    settings = get_settings()
+    if settings.broker_url:
+        return
+    url = broker_url(settings)
+    if not is_up(url, timeout_s=2.0):
+        msg = (
+            f"emc worker: no broker. EMC_BROKER_URL is unset and the embedded Redis "
+            f"({url}) is not running: run `emc up` (it starts Redis and the workers), "
+            "or set EMC_BROKER_URL=redis://host:port/0"
+        )
+        print(msg, file=sys.stderr, flush=True)
+        raise SystemExit(2)
