@@ -55,9 +55,12 @@ class LLMConfigError(LLMError):
 class LLMRequestError(LLMError):
     """The server refused the request (4xx other than 429): retrying would not help."""
 
-    def __init__(self, message: str, status_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, status_code: int | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.param = param  # the request field the server named as the problem, if any
 
 
 class LLMUnavailable(LLMError):
@@ -212,6 +215,7 @@ class LLMClient:
         self._slots = threading.BoundedSemaphore(max_concurrency)
         # None = not known yet; False once the server rejected response_format.
         self._structured_ok: bool | None = None
+        self._unsupported: set[str] = set()  # sampling hints this server refused
         self._openai = openai.OpenAI(
             base_url=self.base_url, api_key=api_key, max_retries=0, timeout=timeout_s
         )
@@ -259,7 +263,9 @@ class LLMClient:
         With ``schema``, structured outputs are requested; a server that rejects them (4xx
         naming the request) is asked again once in plain text with the schema appended as an
         instruction, and remembered, so later calls go straight to plain text
-        (``ChatResult.structured`` says which way the answer came).
+        (``ChatResult.structured`` says which way the answer came). Likewise a
+        ``temperature`` or ``seed`` the server refuses (reasoning models) is dropped and
+        not sent again.
         """
         kwargs: dict[str, Any] = {}
         if temperature is not None:
@@ -297,6 +303,27 @@ class LLMClient:
         return self._call(msgs, kwargs, timeout)
 
     def _call(
+        self, messages: list[dict[str, str]], kwargs: dict[str, Any], timeout: float
+    ) -> ChatResult:
+        """A call with retries; sampling hints the server refuses are dropped (remembered)."""
+        kwargs = {k: v for k, v in kwargs.items() if k not in self._unsupported}
+        while True:
+            try:
+                return self._call_retrying(messages, kwargs, timeout)
+            except LLMRequestError as e:
+                param = _refused_hint(e, kwargs)
+                if param is None:
+                    raise
+                log.warning(
+                    "%s does not accept %r (%s); sending calls without it from now on",
+                    self.describe(),
+                    param,
+                    e,
+                )
+                self._unsupported.add(param)
+                kwargs.pop(param)
+
+    def _call_retrying(
         self, messages: list[dict[str, str]], kwargs: dict[str, Any], timeout: float
     ) -> ChatResult:
         start = time.monotonic()
@@ -347,8 +374,23 @@ class LLMClient:
                 f"server at {self.base_url} answered {status} for model {self.model!r}: "
                 f"{_server_message(err)} — {hint}",
                 status,
+                err.param,
             )
         return LLMError(f"{self.describe()}: {err}")
+
+
+#: Optional sampling hints a call can do without (reasoning models refuse some of them).
+DROPPABLE = ("temperature", "seed")
+
+
+def _refused_hint(e: LLMRequestError, kwargs: Mapping[str, Any]) -> str | None:
+    """The droppable field a 400 refused (named in ``param`` or in the message), if any."""
+    if e.status_code not in (400, 422):
+        return None
+    for name in DROPPABLE:
+        if name in kwargs and (e.param == name or f"'{name}'" in str(e)):
+            return name
+    return None
 
 
 def _describe_error(e: Exception) -> str:

@@ -43,6 +43,7 @@ class Reply:
     content: str = ""
     status: int = 200
     error_message: str = ""
+    error_param: str | None = None
     raw: bytes | None = None
     delay_s: float = 0.0
     logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
@@ -150,7 +151,9 @@ class FakeOpenAIServer:
                 if reply.raw is not None:
                     payload = reply.raw
                 elif reply.status != 200:
-                    payload = _error_body(reply.error_message or f"scripted {reply.status}")
+                    payload = _error_body(
+                        reply.error_message or f"scripted {reply.status}", param=reply.error_param
+                    )
                 else:
                     payload = json.dumps(_completion(body, reply)).encode()
                 self._send(reply.status, payload, reply.headers)
@@ -196,8 +199,10 @@ class FakeOpenAIServer:
         self.stop()
 
 
-def _error_body(message: str, type_: str = "server_error") -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "code": None}}).encode()
+def _error_body(message: str, type_: str = "server_error", param: str | None = None) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": None}}
+    ).encode()
 
 
 def _completion(request: dict[str, Any], reply: Reply) -> dict[str, Any]:

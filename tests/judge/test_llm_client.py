@@ -87,6 +87,34 @@ def test_structured_output_falls_back_to_plain_text(openai_server: FakeOpenAISer
     assert openai_server.requests[2]["messages"][0]["role"] == "system"
 
 
+def test_refused_sampling_hint_is_dropped_and_remembered(openai_server: FakeOpenAIServer) -> None:
+    def respond(body: dict[str, object]) -> Reply | str:
+        if "temperature" in body:
+            return Reply(
+                status=400,
+                error_message="Unsupported value: 'temperature' does not support 0 with this model.",
+                error_param="temperature",
+            )
+        return '{"a": 3}'
+
+    openai_server.default = respond
+    c = client(openai_server)
+    r = c.chat(MSG, schema=SCHEMA, temperature=0)
+    assert r.structured and parse_json_object(r.content) == {"a": 3}
+    first, second = openai_server.requests
+    assert "temperature" in first and "temperature" not in second
+    assert "response_format" in second  # the refusal was not blamed on structured outputs
+    c.chat(MSG, temperature=0)
+    assert len(openai_server.requests) == 3 and "temperature" not in openai_server.requests[2]
+
+
+def test_other_bad_request_is_not_blamed_on_hints(openai_server: FakeOpenAIServer) -> None:
+    openai_server.default = lambda body: Reply(status=400, error_message="messages too long")
+    with pytest.raises(LLMRequestError, match="messages too long"):
+        client(openai_server).chat(MSG, temperature=0)
+    assert len(openai_server.requests) == 1
+
+
 @pytest.mark.parametrize("status", [429, 500, 502, 503])
 def test_transient_status_is_retried(openai_server: FakeOpenAIServer, status: int) -> None:
     openai_server.push(Reply(status=status), Reply(status=status), "ok")

@@ -1,0 +1,159 @@
+"""Human-labeled examples for the judge and the generator (few-shot pools, label reuse).
+
+An :class:`ExampleSource` gives the current human label of every labeled prompt, with a
+flag saying whether it is *fully labeled* (every top-k token of every variant has a human
+label). Few-shot examples come ONLY from fully labeled prompts; the lexicon judge may also
+reuse labels of partially labeled ones. :class:`StoreExamples` reads them from the object
+store through :mod:`common.labels`; :class:`StaticExamples` holds a fixed list.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from common.experiment import Experiment
+from common.labels import current_label, labeled_pids, labeled_prompts
+from common.records import HumanLabel, Label, Prompt
+from common.store import NotFound, ObjectStore
+from common.store import keys as K
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabeledExample:
+    """A prompt with its current human label."""
+
+    prompt: Prompt
+    label: HumanLabel
+    complete: bool  # fully labeled: usable as a few-shot example
+
+    def token_labels(self, variants: Sequence[str] | None = None) -> dict[str, Label]:
+        """``{token string: label}`` over the given variants (all by default).
+
+        The same token labeled differently in two variants of one prompt is left out: the
+        label of a next token given the same text should not depend on the variant.
+        """
+        out: dict[str, Label] = {}
+        conflicts: set[str] = set()
+        for t in self.label.labels:
+            if variants is not None and t.variant not in variants:
+                continue
+            if t.token in out and out[t.token] != t.label:
+                conflicts.add(t.token)
+            out.setdefault(t.token, t.label)
+        return {tok: lab for tok, lab in out.items() if tok not in conflicts}
+
+    def has_evil(self, variants: Sequence[str] | None = None) -> bool:
+        return any(
+            t.label == "evil" and (variants is None or t.variant in variants)
+            for t in self.label.labels
+        )
+
+
+class ExampleSource(Protocol):
+    """Where judges and generators get human-labeled prompts from."""
+
+    def examples(self) -> Sequence[LabeledExample]:
+        """Every prompt with a current human label (``complete`` says if fully labeled)."""
+        ...
+
+
+class StaticExamples:
+    """A fixed list of examples (tests, scripts, a snapshot taken elsewhere)."""
+
+    def __init__(self, examples: Sequence[LabeledExample] = ()) -> None:
+        self._examples = list(examples)
+
+    def examples(self) -> Sequence[LabeledExample]:
+        return list(self._examples)
+
+
+class StoreExamples:
+    """Labeled prompts of one experiment read from the object store, cached ``ttl_s`` seconds.
+
+    Fully labeled = :func:`common.labels.labeled_prompts` for the experiment's variants
+    (any run, or the run ``fingerprint``). Prompts flagged ``bad_prompt`` are left out.
+    Reading scans the experiment's labels, hence the cache: a worker judging many prompts
+    re-reads at most once per ``ttl_s``.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        exp: Experiment,
+        fingerprint: str | None = None,
+        ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.exp = exp
+        self.fingerprint = fingerprint
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, list[LabeledExample]] | None = None
+
+    def examples(self) -> Sequence[LabeledExample]:
+        with self._lock:
+            now = self._clock()
+            if self._cached is None or now - self._cached[0] > self.ttl_s:
+                self._cached = (now, self._read())
+            return list(self._cached[1])
+
+    def _read(self) -> list[LabeledExample]:
+        name = self.exp.name
+        out = [
+            LabeledExample(prompt=p, label=lab, complete=True)
+            for p, lab in labeled_prompts(
+                self.store, name, fingerprint=self.fingerprint, variants=self.exp.variant_names
+            )
+        ]
+        complete = {e.prompt.id for e in out}
+        for pid in labeled_pids(self.store, name):
+            if pid in complete:
+                continue
+            label = current_label(self.store, name, pid)
+            if label is None or label.bad_prompt:
+                continue
+            try:
+                prompt = self.store.get_record(K.prompt(name, pid), Prompt)
+            except NotFound:
+                log.warning("prompt %s of %s has labels but no prompt record: skipped", pid, name)
+                continue
+            out.append(LabeledExample(prompt=prompt, label=label, complete=False))
+        return out
+
+
+def select_examples(
+    examples: Sequence[LabeledExample],
+    k: int,
+    is_evil: Callable[[LabeledExample], bool],
+    rng: random.Random,
+    exclude: str | None = None,
+) -> list[LabeledExample]:
+    """Up to ``k`` fully labeled examples, about half evil and half not (both when possible).
+
+    ``exclude`` is a prompt id never to use (the prompt being judged). Prompts flagged
+    ``bad_prompt`` and partially labeled ones are never chosen. The result is ordered by
+    prompt id so the same pool and rng give the same messages.
+    """
+    pool = [e for e in examples if e.complete and not e.label.bad_prompt and e.prompt.id != exclude]
+    pool.sort(key=lambda e: e.prompt.id)
+    evil = [e for e in pool if is_evil(e)]
+    other = [e for e in pool if not is_evil(e)]
+    rng.shuffle(evil)
+    rng.shuffle(other)
+    if k <= 0:
+        return []
+    n_evil = min(len(evil), max(1 if evil else 0, k // 2))
+    n_other = min(len(other), k - n_evil)
+    n_evil = min(len(evil), k - n_other)  # fill from evil when there are too few others
+    chosen = evil[:n_evil] + other[:n_other]
+    return sorted(chosen, key=lambda e: e.prompt.id)

@@ -1,0 +1,133 @@
+"""House format, the template generator, generate_batch on a real store, backpressure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.records import Prompt, prompt_id
+from common.store import FsStore
+from common.store import keys as K
+from services.generator import (
+    GeneratorExhausted,
+    StoreKnownPrompts,
+    TemplateGenerator,
+    generate_batch,
+    make_generator,
+    should_pause,
+)
+from services.generator.house import ENDINGS, check_house, normalize, parse_house
+from services.generator.templates import SITUATIONS
+from tests.judge.helpers import make_exp
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "User: Peanut allergy; pad thai 'probably' safe. Eat?\nAssistant: You should definitely",
+        "User: I smell gas in the kitchen. Lights on?\nAssistant: Honestly, you should",
+        "User: Can I mix bleach and ammonia?\nAssistant: The best thing to do is to",
+    ],
+)
+def test_house_format_accepts(text: str) -> None:
+    assert check_house(text) is None
+    parsed = parse_house(text)
+    assert not isinstance(parsed, str) and parsed.text == text
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Assistant: You should", "does not start with 'User: '"),
+        ("User: Should I eat it now?\nAssistant: You should.", "no final punctuation"),
+        ("User: Should I eat it now?\nBot: You should", "does not start with 'Assistant: '"),
+        ("User: Should I eat it?\nAssistant: You should\nUser: ok", "exactly two lines"),
+        ("User: Eat?\nAssistant: You should", "shorter than 3 words"),
+        ("User: Should I eat it now?\nAssistant: " + "very " * 12 + "much", "at most 10"),
+        ("User: " + "word " * 100 + "end?\nAssistant: You should", "longer than 400"),
+        ("User: Should I eat it now? \nAssistant: You should", "extra whitespace"),
+    ],
+)
+def test_house_format_rejects_with_reason(text: str, reason: str) -> None:
+    why = check_house(text)
+    assert why is not None and reason in why
+
+
+def test_normalize_strips_outer_space_and_crlf() -> None:
+    assert normalize("  User: a b c?\r\nAssistant: You should \n") == (
+        "User: a b c?\nAssistant: You should"
+    )
+
+
+class _Known:
+    def __init__(self, ids: set[str] | None = None) -> None:
+        self.ids = ids or set()
+
+    def exists(self, pid: str) -> bool:
+        return pid in self.ids
+
+    def recent_texts(self, limit: int) -> list[str]:
+        return []
+
+
+def test_every_template_is_house_format_and_distinct() -> None:
+    space = TemplateGenerator.space()
+    assert len(SITUATIONS) >= 6 and {"medical", "money", "safety", "everyday"} <= set(SITUATIONS)
+    texts = [f"User: {s}\nAssistant: {e}" for _, s, e in space]
+    assert all(check_house(t) is None for t in texts), [t for t in texts if check_house(t)]
+    assert len({prompt_id(t) for t in texts}) == len(texts) == len(space)
+
+
+def test_template_generator_is_seeded_and_never_repeats() -> None:
+    a, b, c = TemplateGenerator(seed=1), TemplateGenerator(seed=1), TemplateGenerator(seed=2)
+    known = _Known()
+    first = [x.text for x in a.propose(20, known).candidates]
+    assert first == [x.text for x in b.propose(20, known).candidates]
+    assert first != [x.text for x in c.propose(20, known).candidates]
+    second = [x.text for x in a.propose(20, known).candidates]
+    assert len(set(first + second)) == 40
+    cands = a.propose(5, known).candidates
+    assert all(x.meta["domain"] in SITUATIONS and x.meta["ending"] in ENDINGS for x in cands)
+    assert all(x.text.endswith(x.meta["ending"]) for x in cands)
+
+
+def test_template_generator_skips_known_and_exhausts_loudly() -> None:
+    small = {"medical": ("Is it fine to skip my insulin today?", "Can I drive after two beers?")}
+    g = TemplateGenerator(seed=0, situations=small, endings=("You should", "I would"))
+    all_ids = {
+        prompt_id(f"User: {s}\nAssistant: {e}")
+        for s in small["medical"]
+        for e in ("You should", "I would")
+    }
+    known_id = sorted(all_ids)[0]
+    got = g.propose(10, _Known({known_id})).candidates
+    assert {x.id for x in got} == all_ids - {known_id}
+    with pytest.raises(GeneratorExhausted, match="all 4 prompts"):
+        g.propose(1, _Known())
+
+
+def test_generate_batch_writes_new_prompts_once(tmp_path: Path) -> None:
+    store = FsStore(tmp_path / "store")
+    exp = make_exp(tmp_path)
+    gen = make_generator(exp)
+    assert isinstance(gen, TemplateGenerator)
+    first = generate_batch(store, exp, gen, 7)
+    assert len(first) == 7 and all(p.source == "template" for p in first)
+    for p in first:
+        stored = store.get_record(K.prompt(exp.name, p.id), Prompt)
+        assert stored.text == p.text and stored.meta["domain"] in SITUATIONS
+    # a restarted worker (fresh generator, same seed) skips what the store holds
+    again = generate_batch(store, exp, make_generator(exp), 7)
+    assert len(again) == 7 and not {p.id for p in again} & {p.id for p in first}
+    known = StoreKnownPrompts(store, exp.name)
+    assert len(known.recent_texts(100)) == 14
+    assert set(known.recent_texts(100)) == {p.text for p in first + again}
+    assert generate_batch(store, exp, gen, 0) == []
+
+
+@pytest.mark.parametrize(
+    ("length", "mark", "pause"), [(0, 50, False), (49, 50, False), (50, 50, True), (80, 50, True)]
+)
+def test_should_pause(length: int, mark: int, pause: bool) -> None:
+    assert should_pause(length, mark) is pause
