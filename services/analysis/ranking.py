@@ -194,13 +194,10 @@ def rank_features(graph: AttributionGraph, labels: TokenLabels) -> FeatureRankin
 
 
 def default_graph_loader() -> GraphLoader:
-    """The attribution service's graph reader (imported late: it pulls in torch/safetensors)."""
-    from services.attribution import artifact  # type: ignore[attr-defined,unused-ignore]
+    """The attribution service's graph reader (imported late: it pulls in safetensors)."""
+    from services.attribution.artifact import load_graph
 
-    def load(store: ObjectStore, exp: str, pid: str, fp: str, variant: str) -> AttributionGraph:
-        return artifact.load_graph(store, exp, pid, fp, variant)
-
-    return load
+    return load_graph
 
 
 def rank_prompt(

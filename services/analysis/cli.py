@@ -1,0 +1,106 @@
+"""``emc analyze ...``: feature rankings of one prompt, and the cross-prompt report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    analyze = typer.Typer(
+        help="Which transcoder features drive the evil tokens (rankings, aggregates, plots).",
+        no_args_is_help=True,
+    )
+    app.add_typer(analyze, name="analyze")
+
+    @analyze.command("prompt")
+    def prompt(
+        pid: str = typer.Argument(..., help="prompt id (12 hex chars)"),
+        variant: list[str] = typer.Option(
+            [], "--variant", "-v", help="variant(s) to rank (default: all)"
+        ),
+        top: int = typer.Option(15, "--top", help="rows to show per variant"),
+    ) -> None:
+        """Rank the features of one prompt (stored at keys.features; cached by labels)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from common.context import get_context
+        from services.analysis.report import prompt_rankings
+
+        ctx = get_context()
+        console = Console()
+        done, failed = prompt_rankings(
+            ctx.store, ctx.exp, pid, variants=variant or None, fingerprint=ctx.fingerprint
+        )
+        for v, r in done.items():
+            table = Table(
+                "rank",
+                "layer",
+                "pos",
+                "token",
+                "feature",
+                "score",
+                "evil",
+                "safe",
+                "activation",
+                title=f"{pid} / {v}  ({r.label_source} labels {r.labels_version}; evil "
+                f"{r.evil_token_ids}, safe {r.safe_token_ids})",
+            )
+            for i, f in enumerate(r.features[:top], 1):
+                table.add_row(
+                    str(i),
+                    str(f.layer),
+                    str(f.pos),
+                    repr(f.token),
+                    str(f.feature),
+                    f"{f.score:+.4f}",
+                    f"{f.evil:+.4f}",
+                    f"{f.safe:+.4f}",
+                    f"{f.activation:.3f}",
+                )
+            console.print(table)
+        for v, reason in failed.items():
+            console.print(f"[red]{pid} / {v}: not ranked:[/red] {reason}")
+        if failed and not done:
+            raise typer.Exit(1)
+
+    @analyze.command("report")
+    def report(
+        out: Path | None = typer.Option(
+            None,
+            "--out",
+            help="directory for JSON, PNG and summary.md (default: <home>/reports/<exp>/<fp>)",
+        ),
+        top: int = typer.Option(20, "--top", help="features in the tables and bar charts"),
+    ) -> None:
+        """Rank every graphed prompt, aggregate the divergent ones, write plots and a summary."""
+        from rich.console import Console
+
+        from common.context import get_context
+        from services.analysis.report import build_report
+
+        ctx = get_context()
+        console = Console()
+        out_dir = out or ctx.settings.home / "reports" / ctx.exp.name / ctx.fingerprint
+        with console.status("building report") as status:
+            data = build_report(
+                ctx.store,
+                ctx.exp,
+                out_dir,
+                fingerprint=ctx.fingerprint,
+                top_n=top,
+                progress=lambda msg: status.update(msg),
+            )
+        ix = data.index
+        console.print(
+            f"{ix.n_prompts_with_graphs} prompts with graphs, "
+            f"{len(ix.divergent_prompt_ids)} divergent, {len(ix.issues)} not ranked"
+        )
+        for v, agg in data.aggregates.items():
+            head = ", ".join(
+                f"L{f.layer}/F{f.feature} {f.mean_score:+.3f}" for f in agg.features[:5]
+            )
+            console.print(f"{v}: top features {head or '(none)'}")
+        console.print(f"wrote {len(ix.files)} files to {out_dir} (and the store)")
