@@ -1,0 +1,136 @@
+"""Human labels as the rest of the pipeline reads them (generator and judge few-shots, analysis).
+
+Labels live in an append-only history per prompt (``keys.labels_history``); the newest
+entry is the current label ("last write wins, history kept"). A prompt is *fully
+labeled* when every top-k token of every variant has a human label.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+
+from common.records import HumanLabel, Prompt, TopKLogits
+from common.store import NotFound, ObjectStore
+from common.store import keys as K
+
+log = logging.getLogger(__name__)
+
+
+def label_history(store: ObjectStore, exp: str, pid: str) -> list[tuple[str, HumanLabel]]:
+    """Every label ever saved for a prompt, oldest first, with its store key."""
+    return [(k, store.get_record(k, HumanLabel)) for k in store.history(K.labels_history(exp, pid))]
+
+
+def current_label_with_key(store: ObjectStore, exp: str, pid: str) -> tuple[str, HumanLabel] | None:
+    """The newest label of a prompt and its key (the key identifies the version)."""
+    key = store.latest(K.labels_history(exp, pid))
+    if key is None:
+        return None
+    return key, store.get_record(key, HumanLabel)
+
+
+def current_label(store: ObjectStore, exp: str, pid: str) -> HumanLabel | None:
+    """The prompt's current human label (the newest in its history), or None."""
+    found = current_label_with_key(store, exp, pid)
+    return None if found is None else found[1]
+
+
+def missing_tokens(
+    label: HumanLabel | None, variants: Sequence[str], logits: Mapping[str, TopKLogits]
+) -> list[tuple[str, int | None]]:
+    """``(variant, token_id)`` pairs still without a human label.
+
+    A variant without logits yields ``(variant, None)``: nothing can be labeled there yet.
+    """
+    missing: list[tuple[str, int | None]] = []
+    for variant in variants:
+        top = logits.get(variant)
+        if top is None:
+            missing.append((variant, None))
+            continue
+        for t in top.tokens:
+            if label is None or label.label_of(variant, t.token_id) is None:
+                missing.append((variant, t.token_id))
+    return missing
+
+
+def is_complete(
+    label: HumanLabel | None, variants: Sequence[str], logits: Mapping[str, TopKLogits]
+) -> bool:
+    """True if ``label`` covers every top-k token of every variant."""
+    return label is not None and not missing_tokens(label, variants, logits)
+
+
+def fully_labeled(
+    store: ObjectStore,
+    exp: str,
+    pid: str,
+    variants: Sequence[str],
+    logits: Mapping[str, TopKLogits],
+) -> bool:
+    """True if the prompt's current label covers every top-k token of every variant.
+
+    ``logits`` maps variant name -> that variant's :class:`TopKLogits` for the run in
+    question; a variant missing from it means the prompt is not fully labeled.
+    """
+    return is_complete(current_label(store, exp, pid), variants, logits)
+
+
+def labeled_pids(store: ObjectStore, exp: str) -> list[str]:
+    """Ids of the prompts that have at least one human label, sorted."""
+    prefix = K.prompts_prefix(exp)
+    pids = set()
+    for key in store.list_keys(prefix):
+        pid, _, rest = key[len(prefix) :].partition("/")
+        if rest.startswith("labels/history/"):
+            pids.add(pid)
+    return sorted(pids)
+
+
+def _run_logits(store: ObjectStore, exp: str, pid: str) -> dict[str, dict[str, TopKLogits]]:
+    """All stored top-k logits of a prompt: fingerprint -> variant -> logits."""
+    runs: dict[str, dict[str, TopKLogits]] = defaultdict(dict)
+    prefix = K.prompt_dir(exp, pid) + "/runs/"
+    for key in store.list_keys(prefix):
+        fp, _, rest = key[len(prefix) :].partition("/")
+        if rest.startswith("logits/") and rest.endswith(".json") and rest.count("/") == 1:
+            variant = rest[len("logits/") : -len(".json")]
+            runs[fp][variant] = store.get_record(key, TopKLogits)
+    return runs
+
+
+def labeled_prompts(
+    store: ObjectStore,
+    exp: str,
+    *,
+    fingerprint: str | None = None,
+    variants: Sequence[str] | None = None,
+    include_bad: bool = False,
+) -> Iterator[tuple[Prompt, HumanLabel]]:
+    """Fully labeled prompts with their current label (the few-shot pool), by prompt id.
+
+    A prompt qualifies when its current label covers every top-k token of every variant
+    of some run (``fingerprint`` restricts to one run; ``variants`` names the variants that
+    must all be present, default: those the run has). Prompts flagged ``bad_prompt`` are
+    left out unless ``include_bad``.
+    """
+    for pid in labeled_pids(store, exp):
+        label = current_label(store, exp, pid)
+        if label is None or (label.bad_prompt and not include_bad):
+            continue
+        runs = _run_logits(store, exp, pid)
+        if fingerprint is not None:
+            runs = {fingerprint: runs[fingerprint]} if fingerprint in runs else {}
+        if not any(
+            is_complete(label, list(variants) if variants else sorted(logits), logits)
+            for logits in runs.values()
+        ):
+            continue
+        try:
+            prompt = store.get_record(K.prompt(exp, pid), Prompt)
+        except NotFound:
+            log.warning("prompt %s of %s has labels but no prompt record: skipped", pid, exp)
+            continue
+        yield prompt, label

@@ -1,0 +1,189 @@
+"""The review queue and the status index of prompts, kept in Redis.
+
+Two structures per experiment ``exp``:
+
+* ``emc:{exp}:review`` — a sorted set of prompt ids waiting for a human label. The score
+  puts divergent prompts (the adapted variant has an evil token the reference has not)
+  before all others, then orders by the judge's evil score (higher first).
+* ``emc:{exp}:status`` — a hash ``pid -> status`` (a :class:`common.records.Status` value),
+  with ``emc:{exp}:status_reason`` holding an optional reason (e.g. why a step failed).
+
+Everything here can be rebuilt from the object store (see :func:`rebuild`), which stays the
+system of record; Redis only makes "what is next" and "how many" fast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from common.records import Status
+
+# Divergent prompts get this bonus; evil scores live in [0, 1], so they always sort first.
+DIVERGENT_BONUS = 2.0
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One prompt waiting for review."""
+
+    pid: str
+    divergent: bool
+    evil_score: float
+
+
+def queue_score(divergent: bool, evil_score: float) -> float:
+    """Sorted-set score: divergent first, then by evil score (a number in [0, 1])."""
+    if math.isnan(evil_score) or not 0.0 <= evil_score <= 1.0:
+        raise ValueError(
+            f"evil_score must be a number in [0, 1] (e.g. the probability mass of tokens the "
+            f"judge calls evil), got {evil_score!r}"
+        )
+    return (DIVERGENT_BONUS if divergent else 0.0) + evil_score
+
+
+def _entry(pid: Any, score: float) -> QueueEntry:
+    divergent = score >= DIVERGENT_BONUS
+    return QueueEntry(
+        pid=_text(pid),
+        divergent=divergent,
+        evil_score=round(score - DIVERGENT_BONUS if divergent else score, 9),
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class ReviewQueue:
+    """Review queue + status index of one experiment (works with any redis-py client)."""
+
+    def __init__(self, client: redis.Redis, exp: str) -> None:
+        self.redis = client
+        self.exp = exp
+        self.queue_key = f"emc:{exp}:review"
+        self.status_key = f"emc:{exp}:status"
+        self.reason_key = f"emc:{exp}:status_reason"
+
+    # -- queue ----------------------------------------------------------------------------
+    def push(self, pid: str, divergent: bool, evil_score: float) -> None:
+        """Put a prompt in the queue (or re-score it) and mark it ``in_review``."""
+        score = queue_score(divergent, evil_score)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(self.queue_key, {pid: score})
+        pipe.hset(self.status_key, pid, Status.in_review.value)
+        pipe.hdel(self.reason_key, pid)
+        pipe.execute()
+
+    def remove(self, pid: str, *, status: Status | None = None, reason: str | None = None) -> bool:
+        """Take a prompt out of the queue; optionally set its new status in the same step.
+
+        Returns True if it was queued.
+        """
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(self.queue_key, pid)
+        if status is not None:
+            self._status_into(pipe, pid, status, reason)
+        removed = pipe.execute()[0]
+        return bool(removed)
+
+    def list(self, limit: int = 100, offset: int = 0) -> list[QueueEntry]:
+        """The first ``limit`` waiting prompts, in review order."""
+        if limit <= 0:
+            return []
+        rows: list[tuple[Any, float]] = self.redis.zrevrange(  # type: ignore[assignment]
+            self.queue_key, offset, offset + limit - 1, withscores=True
+        )
+        return [_entry(pid, float(score)) for pid, score in rows]
+
+    def entry(self, pid: str) -> QueueEntry | None:
+        """The queue entry of a prompt, or None if it is not waiting."""
+        score = self.redis.zscore(self.queue_key, pid)
+        return None if score is None else _entry(pid, float(score))
+
+    def next_pid(self, exclude: str | None = None) -> str | None:
+        """The prompt to review next (skipping ``exclude``, e.g. the one just labeled)."""
+        for entry in self.list(2):
+            if entry.pid != exclude:
+                return entry.pid
+        return None
+
+    def __len__(self) -> int:
+        return int(self.redis.zcard(self.queue_key))
+
+    # -- status index ---------------------------------------------------------------------
+    def set_status(self, pid: str, status: Status | str, reason: str | None = None) -> None:
+        """Record where a prompt stands (a reason is kept until the next status change)."""
+        pipe = self.redis.pipeline(transaction=True)
+        self._status_into(pipe, pid, status, reason)
+        pipe.execute()
+
+    def _status_into(self, pipe: Any, pid: str, status: Status | str, reason: str | None) -> None:
+        value = Status(status).value  # refuses unknown statuses with a ValueError
+        pipe.hset(self.status_key, pid, value)
+        if reason:
+            pipe.hset(self.reason_key, pid, reason)
+        else:
+            pipe.hdel(self.reason_key, pid)
+
+    def status(self, pid: str) -> Status | None:
+        value = self.redis.hget(self.status_key, pid)
+        return None if value is None else Status(_text(value))
+
+    def reason(self, pid: str) -> str | None:
+        value = self.redis.hget(self.reason_key, pid)
+        return None if value is None else _text(value)
+
+    def counts(self) -> dict[str, int]:
+        """Number of prompts per status (every status listed, zeros included)."""
+        result = {s.value: 0 for s in Status}
+        for value in self.redis.hvals(self.status_key):
+            name = _text(value)
+            result[name] = result.get(name, 0) + 1
+        return result
+
+    # -- rebuild --------------------------------------------------------------------------
+    def replace_all(self, statuses: Mapping[str, Status], queued: Iterable[QueueEntry]) -> None:
+        """Replace the whole queue and status index in one transaction (used by rebuild)."""
+        queued = list(queued)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.queue_key, self.status_key, self.reason_key)
+        if statuses:
+            pipe.hset(self.status_key, mapping={p: Status(s).value for p, s in statuses.items()})
+        if queued:
+            pipe.zadd(
+                self.queue_key, {e.pid: queue_score(e.divergent, e.evil_score) for e in queued}
+            )
+            pipe.hset(self.status_key, mapping={e.pid: Status.in_review.value for e in queued})
+        pipe.execute()
+
+
+@dataclass(frozen=True)
+class PromptState:
+    """Where one prompt stands, as derived from the object store by the pipeline."""
+
+    status: Status
+    divergent: bool = False
+    evil_score: float = 0.0
+
+
+def rebuild(queue: ReviewQueue, states: Iterable[tuple[str, PromptState]]) -> int:
+    """Rebuild queue and status index from ``(pid, state)`` pairs derived from the store.
+
+    The pipeline owns *how* a prompt's state follows from its artifacts (logits, verdicts,
+    labels, graphs); it walks the store and passes the states here. Prompts whose status
+    is ``in_review`` are queued with their divergence and evil score. Returns the number
+    of prompts indexed.
+    """
+    statuses: dict[str, Status] = {}
+    queued: list[QueueEntry] = []
+    for pid, state in states:
+        statuses[pid] = state.status
+        if state.status == Status.in_review:
+            queued.append(QueueEntry(pid, state.divergent, state.evil_score))
+    queue.replace_all(statuses, queued)
+    return len(statuses)
