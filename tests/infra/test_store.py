@@ -60,6 +60,32 @@ def test_put_new_never_overwrites(store: ObjectStore) -> None:
     assert store.get_bytes("k/new.json") == b'{"v": 1}'
 
 
+def test_put_new_race_has_one_winner(store: ObjectStore) -> None:
+    """Writers racing on one key: exactly one creates it, and its bytes are what is stored."""
+    n = 8
+    barrier = threading.Barrier(n)
+    won: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        try:
+            barrier.wait()
+            data = f'{{"writer": {i}}}'.encode()
+            if store.put_new("race/key.json", data):
+                won.append(data)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(won) == 1
+    assert store.get_bytes("race/key.json") == won[0]
+
+
 def test_put_if_same(store: ObjectStore) -> None:
     assert store.put_if_same("r/result.json", {"a": 1, "b": [1, 2]}) is True
     # same content (key order does not matter: canonical JSON) -> nothing written
@@ -169,6 +195,28 @@ def test_open_store_s3_from_settings(s3_settings: StoreSettings, tmp_path: Path)
     store.put_json("x.json", {"ok": True})
     # a second client on the same bucket sees the object (bucket exists already)
     assert open_store(Settings(home=tmp_path, store=s3_settings)).get_json("x.json") == {"ok": True}
+
+
+def test_s3_server_ignoring_conditional_writes_is_refused(
+    make_s3_store: Callable[..., ObjectStore],
+) -> None:
+    """A server that drops If-None-Match would let put_new overwrite: refuse it up front."""
+    from common.store.s3 import S3Store
+
+    class IgnoresConditions(S3Store):
+        def _put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
+            self.put_bytes(key, data, content_type)  # what such a server does
+            return True
+
+    store = make_s3_store()
+    assert isinstance(store, S3Store)
+    naive = IgnoresConditions(
+        store.endpoint, store.bucket, access_key="emc-test", secret_key="emc-test-secret"
+    )
+    with pytest.raises(StoreError, match="ignores conditional writes"):
+        naive.put_new("k.json", b"{}")
+    # nothing written, and the (hidden) probe object is gone
+    assert list(naive._client.list_objects(naive.bucket, recursive=True)) == []
 
 
 def test_s3_unreachable_endpoint_says_what_to_check() -> None:
