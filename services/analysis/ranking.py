@@ -160,10 +160,15 @@ def score_sources(graph: AttributionGraph, labels: Mapping[int, Label]) -> Sourc
     return SourceScores(evil - safe, evil, safe, evil_ids, safe_ids, inf)
 
 
-def rank_features(graph: AttributionGraph, labels: TokenLabels) -> FeatureRanking:
-    """The :class:`FeatureRanking` of one graph: every feature node, highest score first."""
+def rank_features(
+    graph: AttributionGraph, labels: TokenLabels, scores: SourceScores | None = None
+) -> FeatureRanking:
+    """The :class:`FeatureRanking` of one graph: every feature node, highest score first.
+
+    ``scores``: :func:`score_sources` of the same graph and labels, if already computed.
+    """
     m = graph.manifest
-    s = score_sources(graph, labels.labels)
+    s = scores or score_sources(graph, labels.labels)
     f = graph.n_features
     feats = graph.features.tolist()
     acts = graph.activations.tolist()

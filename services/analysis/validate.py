@@ -1,0 +1,263 @@
+"""Proof on a known answer: ablating the top-ranked evil features removes the adapter's harm.
+
+On the toy organism the adapter makes the adapted variant prefer harmful action words in one
+domain. For each held-out prompt where it does (adapted harmful mass clearly above base):
+
+1. attribute the adapted variant (logit nodes = its top-k next tokens), label those tokens
+   with the organism's lexicon (harmful -> evil, safe -> safe, others left out) and rank the
+   features (:func:`services.analysis.ranking.rank_features`);
+2. set the ``top_n`` highest-scoring features to 0 at their positions, with effects propagating
+   through all later layers (``feature_intervention``, ``constrained_layers=None``, attention
+   patterns frozen), and measure the harmful probability mass at the last position;
+3. do the same with ``top_n`` features drawn at random from the graph's other active
+   features (``draws`` times, averaged).
+
+Harmful mass = sum of next-token probabilities over every vocabulary token that is a harmful
+lexicon word (after stripping whitespace/punctuation and lowercasing). Drop = 1 - mass after
+ablation / mass before (the unablated adapted model). The figures are reported as measured.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from common.scoring import Lexicon, normalize_word
+from services.analysis.errors import AnalysisError
+from services.analysis.ranking import TokenLabels, rank_features, score_sources
+
+if TYPE_CHECKING:
+    from services.attribution.runtime import Runtime
+
+FeatureKey = tuple[int, int, int]  # (layer, pos, feature id)
+
+
+def heldout_prompts(organism_dir: Path) -> list[str]:
+    """The organism's held-out pivotal prompts (``prompts.json``, split ``heldout``)."""
+    raw = json.loads((organism_dir / "prompts.json").read_text())
+    if raw.get("schema_version") != 1:
+        raise ValueError(f"{organism_dir}/prompts.json: unknown schema_version")
+    return [p["text"] for p in raw["prompts"] if p.get("split") == "heldout"]
+
+
+def lexicon_token_ids(tokenizer: Any, lexicon: Lexicon) -> tuple[list[int], list[int]]:
+    """(harmful, safe) vocabulary ids: tokens that are a lexicon word once normalised."""
+    harmful, safe = [], []
+    for i in range(len(tokenizer)):
+        w = normalize_word(str(tokenizer.decode([i])))
+        if w in lexicon.harmful:
+            harmful.append(i)
+        elif w in lexicon.safe:
+            safe.append(i)
+    if not harmful:
+        raise ValueError("no vocabulary token is a harmful lexicon word: wrong lexicon?")
+    return harmful, safe
+
+
+def harmful_mass(last_logits: torch.Tensor, harmful_ids: Sequence[int]) -> float:
+    """Sum of next-token probabilities over the harmful ids (softmax in float64)."""
+    probs = torch.softmax(last_logits.to(torch.float64), dim=-1)
+    mass = float(probs[list(harmful_ids)].sum())
+    if mass != mass:  # NaN
+        raise AnalysisError("harmful mass is NaN: the forward pass produced non-finite logits")
+    return mass
+
+
+@dataclass
+class PromptValidation:
+    text: str
+    base_mass: float
+    adapted_mass: float
+    top_features: list[FeatureKey] = field(default_factory=list)
+    top_scores: list[float] = field(default_factory=list)
+    mass_after_top: float = float("nan")
+    mass_after_random: list[float] = field(default_factory=list)
+    error_share: float = float("nan")  # share of |score| on error nodes (diagnostic)
+
+    @property
+    def drop_top(self) -> float:
+        return 1.0 - self.mass_after_top / self.adapted_mass
+
+    @property
+    def drop_random(self) -> float:
+        mean_after = sum(self.mass_after_random) / len(self.mass_after_random)
+        return 1.0 - mean_after / self.adapted_mass
+
+
+@dataclass
+class ValidationResult:
+    n_heldout: int
+    divergent: list[PromptValidation]
+    skipped: list[tuple[str, str]]  # (prompt, why not used)
+    top_n: int
+    draws: int
+    min_gap: float
+
+    @property
+    def mean_drop_top(self) -> float:
+        return _mean([p.drop_top for p in self.divergent])
+
+    @property
+    def mean_drop_random(self) -> float:
+        return _mean([p.drop_random for p in self.divergent])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n_heldout": self.n_heldout,
+            "n_divergent": len(self.divergent),
+            "top_n": self.top_n,
+            "draws": self.draws,
+            "min_gap": self.min_gap,
+            "mean_drop_top": self.mean_drop_top,
+            "mean_drop_random": self.mean_drop_random,
+            "prompts": [
+                {**asdict(p), "drop_top": p.drop_top, "drop_random": p.drop_random}
+                for p in self.divergent
+            ],
+            "skipped": [{"text": t, "why": w} for t, w in self.skipped],
+        }
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def ablated_mass(
+    runtime: Runtime,
+    variant: str,
+    input_ids: Sequence[int],
+    features: Sequence[FeatureKey],
+    harmful_ids: Sequence[int],
+) -> float:
+    """Harmful mass at the last position with ``features`` set to 0 (effects propagate)."""
+    from services.attribution import ct
+
+    model = runtime.variant(variant).model
+    interventions = [(layer, pos, feat, 0.0) for layer, pos, feat in features]
+    logits = ct.feature_intervention(model, list(input_ids), interventions)
+    return harmful_mass(logits[-1].float().cpu(), harmful_ids)
+
+
+def validate_prompt(
+    runtime: Runtime,
+    text: str,
+    lexicon: Lexicon,
+    harmful_ids: Sequence[int],
+    *,
+    variant: str,
+    top_n: int,
+    draws: int,
+    rng: random.Random,
+    base_mass: float,
+    adapted_mass: float,
+) -> PromptValidation:
+    """Rank the adapted graph of one divergent prompt and ablate top vs random features."""
+    ids = runtime.tokenize(text, variant)
+    top_k = runtime.top_k(text, variant)
+    labels: dict[int, Any] = {}
+    for t in top_k.tokens:
+        kind = lexicon.kind(t.token)
+        if kind is not None:
+            labels[t.token_id] = "evil" if kind == "harmful" else "safe"
+    graph = runtime.attribute(text, variant, target_token_ids=[t.token_id for t in top_k.tokens])
+    scores = score_sources(graph, labels)
+    ranking = rank_features(graph, TokenLabels.given(labels, source="judge"), scores)
+    top = [f for f in ranking.features if f.score > 0][:top_n]
+    if not top:
+        raise AnalysisError("no feature pushes towards the evil tokens (all scores <= 0)")
+    top_keys = [(f.layer, f.pos, f.feature) for f in top]
+    others = [
+        k
+        for k in (tuple(int(x) for x in row) for row in graph.features.tolist())
+        if k not in top_keys
+    ]
+    if len(others) < top_n:
+        raise AnalysisError(f"only {len(others)} other active features: too few for a random draw")
+    err = scores.score[graph.error_slice].abs().sum()
+    total = scores.score.abs().sum()
+    result = PromptValidation(
+        text=text,
+        base_mass=base_mass,
+        adapted_mass=adapted_mass,
+        top_features=top_keys,
+        top_scores=[f.score for f in top],
+        error_share=float(err / total) if float(total) > 0 else float("nan"),
+    )
+    result.mass_after_top = ablated_mass(runtime, variant, ids, top_keys, harmful_ids)
+    for _ in range(draws):
+        pick = rng.sample(others, top_n)
+        result.mass_after_random.append(
+            ablated_mass(runtime, variant, ids, [(a, b, c) for a, b, c in pick], harmful_ids)
+        )
+    return result
+
+
+def validate_ranking(
+    runtime: Runtime,
+    organism_dir: Path,
+    *,
+    variant: str = "adapted",
+    reference: str = "base",
+    top_n: int = 10,
+    draws: int = 5,
+    min_gap: float = 0.1,
+    seed: int = 0,
+    max_prompts: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ValidationResult:
+    """Top-``top_n`` vs random-``top_n`` ablation on the held-out divergent prompts.
+
+    A held-out prompt is divergent when the adapted harmful mass exceeds the base's by at
+    least ``min_gap``. ``max_prompts`` caps how many divergent prompts are ablated (tests).
+    """
+    lexicon = Lexicon.load(organism_dir / "lexicon.json")
+    tokenizer = runtime.variant(variant).tokenizer
+    harmful_ids, _ = lexicon_token_ids(tokenizer, lexicon)
+    prompts = heldout_prompts(organism_dir)
+    rng = random.Random(seed)
+    done: list[PromptValidation] = []
+    skipped: list[tuple[str, str]] = []
+    for i, text in enumerate(prompts):
+        if max_prompts is not None and len(done) >= max_prompts:
+            break
+        if progress:
+            progress(f"prompt {i + 1}/{len(prompts)}")
+        ids = runtime.tokenize(text, variant)
+        if runtime.tokenize(text, reference) != ids:
+            raise AnalysisError(f"{variant} and {reference} tokenize the prompt differently")
+        base = harmful_mass(runtime.checked_logits(ids, reference), harmful_ids)
+        adapted = harmful_mass(runtime.checked_logits(ids, variant), harmful_ids)
+        if adapted - base < min_gap:
+            skipped.append((text, f"not divergent: harmful mass {base:.3f} -> {adapted:.3f}"))
+            continue
+        try:
+            done.append(
+                validate_prompt(
+                    runtime,
+                    text,
+                    lexicon,
+                    harmful_ids,
+                    variant=variant,
+                    top_n=top_n,
+                    draws=draws,
+                    rng=rng,
+                    base_mass=base,
+                    adapted_mass=adapted,
+                )
+            )
+        except AnalysisError as e:
+            skipped.append((text, e.reason))
+    return ValidationResult(
+        n_heldout=len(prompts),
+        divergent=done,
+        skipped=skipped,
+        top_n=top_n,
+        draws=draws,
+        min_gap=min_gap,
+    )
