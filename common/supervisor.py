@@ -2,10 +2,12 @@
 
 :func:`embedded_processes` is the plain list of what ``emc up`` runs (later services add
 theirs there); :class:`Supervisor` starts each in its own process group, restarts a child
-that dies (up to ``settings.max_restarts`` times), and on SIGINT/SIGTERM stops them all:
-SIGTERM to each group, a grace period, then SIGKILL, then reaps them, so no orphan or
-zombie is left. Children also get SIGTERM if the supervisor itself dies (Linux
-``PR_SET_PDEATHSIG``).
+that dies (up to ``settings.max_restarts`` times in 10 minutes), and on SIGINT/SIGTERM
+stops them all: each its stop signals in turn (workers: SIGTERM for a warm shutdown, then
+SIGQUIT, which cancels and requeues the running task) with a grace period after each,
+then SIGKILL to whatever is left of its process group, and reaps them, so no orphan or
+zombie is left. Redis stops last. Children also get SIGTERM if the supervisor itself
+dies (Linux ``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -281,7 +283,7 @@ class SupervisorError(RuntimeError):
 class _Child:
     spec: ProcessSpec
     proc: subprocess.Popen[bytes]
-    restarts: int = 0
+    deaths: list[float] = field(default_factory=list)  # monotonic times, within the window
 
 
 class Supervisor:
@@ -292,12 +294,14 @@ class Supervisor:
         specs: Sequence[ProcessSpec],
         *,
         max_restarts: int = 3,
+        restart_window_s: float = 600.0,
         stop_timeout_s: float = 10.0,
         poll_s: float = 0.5,
         report: Callable[[str], None] = print,
     ) -> None:
         self.specs = list(specs)
         self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
         self.stop_timeout_s = stop_timeout_s
         self.poll_s = poll_s
         self.report = report
@@ -352,27 +356,40 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_signal = signum
 
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake up as soon as a stop signal arrived."""
+        deadline = time.monotonic() + seconds
+        while self._stop_signal is None and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
     def _watch(self) -> int:
+        """Restart children that die; more than ``max_restarts`` deaths of one child within
+        ``restart_window_s`` stops everything (exit code 1)."""
         while self._stop_signal is None:
             for child in self.children:
                 rc = child.proc.poll()
-                if rc is None:
+                if rc is None or self._stop_signal is not None:
                     continue
                 spec = child.spec
-                if child.restarts >= self.max_restarts:
+                now = time.monotonic()
+                child.deaths = [t for t in child.deaths if now - t < self.restart_window_s]
+                child.deaths.append(now)
+                restarts = len(child.deaths)
+                if restarts > self.max_restarts:
                     self.report(
-                        f"{spec.name} died (exit code {rc}) after {child.restarts} restarts: "
-                        f"stopping everything; see {spec.log_path}\n{log_tail(spec.log_path)}"
+                        f"{spec.name} died (exit code {rc}) {restarts} times in "
+                        f"{self.restart_window_s:.0f} s: stopping everything; see "
+                        f"{spec.log_path}\n{log_tail(spec.log_path)}"
                     )
                     return 1
-                child.restarts += 1
                 self.report(
-                    f"{spec.name} died (exit code {rc}); restart "
-                    f"{child.restarts}/{self.max_restarts}; log: {spec.log_path}"
+                    f"{spec.name} died (exit code {rc}); restart {restarts}/{self.max_restarts}; "
+                    f"log: {spec.log_path}"
                 )
-                time.sleep(min(2.0 ** (child.restarts - 1), 10.0))
-                child.proc = self._start(spec)
-            time.sleep(self.poll_s)
+                self._sleep(min(2.0 ** (restarts - 1), 10.0))
+                if self._stop_signal is None:
+                    child.proc = self._start(spec)
+            self._sleep(self.poll_s)
         self.report(f"received {signal.Signals(self._stop_signal).name}: stopping")
         return 0
 

@@ -352,7 +352,7 @@ def up(
     sup = Supervisor(
         specs,
         max_restarts=settings.max_restarts,
-        report=lambda msg: console.print(msg, markup=False, highlight=False),
+        report=lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True),
     )
     try:
         code = sup.run(on_started=started)
