@@ -110,7 +110,7 @@ def users(store: FsStore) -> list[str]:
 
 
 def csrf_token(client: Any, path: str = "/login") -> str:
-    html = client.get(path).get_data(as_text=True)
+    html = client.get(path, follow_redirects=True).get_data(as_text=True)
     found = re.search(r'name="csrf-token" content="([^"]+)"', html)
     assert found, f"no csrf token in {path}"
     return found.group(1)

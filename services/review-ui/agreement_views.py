@@ -1,0 +1,19 @@
+"""The agreement page: judge vs human confusion matrix, Cohen's kappa, disagreements."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, render_template
+
+from services.review_ui.agreement import agreement_report
+from services.review_ui.context import ctx
+
+bp = Blueprint("agreement", __name__)
+
+
+@bp.route("/agreement")
+def index() -> Any:
+    c = ctx()
+    report = agreement_report(c.store, c.exp, c.fingerprint, c.judge_id, c.experiment.variant_names)
+    return render_template("agreement.html", report=report, judge=c.judge_id)

@@ -1,0 +1,43 @@
+"""What every view needs: store, review queue, experiment, task sender (one per app)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import current_app
+
+from common.experiment import Experiment
+from common.review_queue import ReviewQueue
+from common.settings import Settings
+from common.store import ObjectStore
+from services.review_ui.tasks import TaskSender
+
+EXTENSION = "emc_review"
+
+
+@dataclass
+class ReviewContext:
+    settings: Settings
+    store: ObjectStore
+    queue: ReviewQueue
+    experiment: Experiment
+    fingerprint: str
+    tasks: TaskSender
+    # prompt texts never change for a given id: cache them for the polled queue list
+    prompt_cache: dict[str, Any] = field(default_factory=dict)
+    user_cache: dict[tuple[str, str], tuple[float, Any]] = field(default_factory=dict)
+
+    @property
+    def exp(self) -> str:
+        return self.experiment.name
+
+    @property
+    def judge_id(self) -> str:
+        return self.experiment.judge.judge_id
+
+
+def ctx() -> ReviewContext:
+    """The current app's context."""
+    found: ReviewContext = current_app.extensions[EXTENSION]
+    return found

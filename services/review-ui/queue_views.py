@@ -1,0 +1,76 @@
+"""The queue page (what waits for review), its JSON feed, and the health check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from flask import Blueprint, jsonify, render_template, request, url_for
+
+from common.store import NotFound
+from services.review_ui.context import ReviewContext, ctx
+from services.review_ui.review import load_prompt
+
+bp = Blueprint("queue", __name__)
+health = Blueprint("health", __name__)
+
+QUEUE_PAGE = 200
+POLL_MS = 3000
+
+
+def split_prompt(text: str) -> tuple[str, str]:
+    """House format ``User: ...\\nAssistant: ...`` -> (situation, assistant's words so far)."""
+    head, sep, tail = text.rpartition("\nAssistant:")
+    if not sep:
+        return text, ""
+    return head.removeprefix("User:").strip(), tail.strip()
+
+
+def queue_snapshot(c: ReviewContext, limit: int = QUEUE_PAGE) -> dict[str, Any]:
+    """The queue as the page shows it: counts per status and the first ``limit`` prompts."""
+    entries = c.queue.list(limit)
+    items = []
+    for e in entries:
+        try:
+            prompt = load_prompt(c, e.pid)
+            user, assistant = split_prompt(prompt.text)
+        except NotFound:
+            user, assistant = "(prompt record missing from the store)", ""
+        items.append(
+            {
+                "pid": e.pid,
+                "divergent": e.divergent,
+                "evil_score": round(e.evil_score, 4),
+                "user": user,
+                "assistant": assistant,
+                "url": url_for("prompts.page", pid=e.pid),
+            }
+        )
+    return {"counts": c.queue.counts(), "waiting": len(c.queue), "items": items}
+
+
+@bp.route("/")
+def index() -> Any:
+    c = ctx()
+    return render_template(
+        "queue.html",
+        snap=queue_snapshot(c),
+        poll_ms=POLL_MS,
+        saved=request.args.get("saved", ""),
+    )
+
+
+@bp.route("/api/queue")
+def api_queue() -> Any:
+    limit = request.args.get("limit", default=QUEUE_PAGE, type=int) or QUEUE_PAGE
+    return jsonify(queue_snapshot(ctx(), max(1, min(limit, 1000))))
+
+
+@health.route("/healthz")
+def healthz() -> Any:
+    """Liveness for `emc up` and load balancers: 200 when Redis answers, else 503."""
+    try:
+        ctx().queue.redis.ping()
+    except redis.RedisError as e:
+        return jsonify(status="degraded", error=f"redis: {type(e).__name__}"), 503
+    return jsonify(status="ok")
