@@ -1,0 +1,321 @@
+"""The one module that calls circuit-tracer (pinned ``circuit-tracer==0.5.0``).
+
+Everything else in emc goes through these functions, so an upstream release that moves or
+renames things is a change here only. Imports of circuit-tracer happen inside functions:
+importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from circuit_tracer.graph import Graph
+    from circuit_tracer.replacement_model.replacement_model_nnsight import (
+        NNSightReplacementModel,
+    )
+    from circuit_tracer.transcoder import TranscoderSet
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    ReplacementModel = NNSightReplacementModel
+    Transcoders = TranscoderSet | CrossLayerTranscoder
+else:
+    ReplacementModel = Any
+    Transcoders = Any
+
+#: (layer, position, feature, value): the intervention tuple of ReplacementModel.
+Intervention = tuple[int, int | slice, int, float]
+#: With an empty list circuit-tracer re-tokenizes its input (and fails on token ids); this
+#: intervention changes nothing (activations at position 0 are zeroed by circuit-tracer), so
+#: "no intervention" runs the very same code path as a real one.
+NO_OP: Intervention = (0, 0, 0, 0.0)
+
+
+def load_transcoders(
+    path: str,
+    *,
+    kind: Literal["per_layer", "cross_layer"],
+    feature_input_hook: str,
+    feature_output_hook: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    lazy_decoder: bool,
+) -> Transcoders:
+    """Transcoders from a local directory or an ``hf://`` id (the latter needs network).
+
+    Local per-layer sets are ``layer_{i}.safetensors`` files; cross-layer sets are a
+    directory of ``W_enc_*``/``W_dec_*`` files (circuit-tracer's ``load_clt`` layout).
+    """
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub, load_transcoders
+
+    if path.startswith("hf://"):
+        ref = path.removeprefix("hf://")
+        transcoders, _ = load_transcoder_from_hub(
+            ref, device=device, dtype=dtype, lazy_encoder=False, lazy_decoder=lazy_decoder
+        )
+        return transcoders
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"transcoder directory {directory} does not exist: set experiment transcoders.path "
+            "to a local directory of layer_{i}.safetensors files (or an hf:// id with network)"
+        )
+    if kind == "cross_layer":
+        from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+        return load_clt(
+            str(directory),
+            feature_input_hook=feature_input_hook,
+            feature_output_hook=feature_output_hook,
+            scan=str(directory),
+            device=device,
+            dtype=dtype,
+            lazy_decoder=lazy_decoder,
+        )
+    files = sorted(directory.glob("layer_*.safetensors"))
+    layers = sorted(int(f.stem.removeprefix("layer_")) for f in files)
+    if not files or layers != list(range(len(layers))):
+        raise FileNotFoundError(
+            f"{directory} must hold layer_0.safetensors ... layer_{{n-1}}.safetensors "
+            f"(one per model layer); found layers {layers}"
+        )
+    config = {
+        "model_kind": "transcoder_set",
+        "transcoders": [str(directory / f"layer_{i}.safetensors") for i in layers],
+        "scan": str(directory),
+        "feature_input_hook": feature_input_hook,
+        "feature_output_hook": feature_output_hook,
+    }
+    return load_transcoders(
+        config, device=device, dtype=dtype, lazy_encoder=False, lazy_decoder=lazy_decoder
+    )
+
+
+def replacement_model(
+    model_dir: str, transcoders: Transcoders, *, device: torch.device, dtype: torch.dtype
+) -> ReplacementModel:
+    """circuit-tracer's ReplacementModel on the nnsight backend (accepts local directories;
+    the transformerlens backend only takes official hub names)."""
+    from circuit_tracer import ReplacementModel as _RM
+
+    model = _RM.from_pretrained_and_transcoders(
+        model_dir, transcoders, backend="nnsight", device=device, dtype=dtype
+    )
+    # nnsight generation fails on token_type_ids when a tokenizer lists them.
+    model.tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    return model
+
+
+def ensure_bos(model: ReplacementModel, input_ids: Sequence[int]) -> list[int]:
+    """circuit-tracer's own rule: prepend a special token unless the ids start with one."""
+    ids = model.ensure_tokenized(list(input_ids))
+    return [int(x) for x in ids.tolist()]
+
+
+def attribute(
+    model: ReplacementModel,
+    input_ids: Sequence[int],
+    *,
+    max_feature_nodes: int,
+    batch_size: int,
+    max_n_logits: int,
+    desired_logit_prob: float,
+    target_token_ids: Sequence[int] | None = None,
+) -> Graph:
+    """circuit-tracer's ``attribute`` with every limit explicit (its defaults grow as N^2)."""
+    from circuit_tracer import attribute as _attribute
+
+    targets = (
+        torch.tensor(list(target_token_ids), dtype=torch.long)
+        if target_token_ids is not None
+        else None
+    )
+    return _attribute(
+        torch.tensor(list(input_ids), dtype=torch.long),
+        model,
+        attribution_targets=targets,
+        max_n_logits=max_n_logits,
+        desired_logit_prob=desired_logit_prob,
+        batch_size=batch_size,
+        max_feature_nodes=max_feature_nodes,
+        verbose=False,
+    )
+
+
+def hook_modules(model: ReplacementModel, layer: int) -> list[tuple[str, torch.nn.Module, str]]:
+    """Plain torch modules to probe at one layer: (hook name, module, 'input'|'output').
+
+    Uses circuit-tracer's own architecture mapping for the transcoder hooks; locations inside
+    a module's source (nnsight ``.source``) cannot take torch hooks and are left out.
+    """
+    hf = model._model
+    out: list[tuple[str, torch.nn.Module, str]] = []
+    spec = [
+        ("mlp.hook_in", model._feature_input_pattern, model._feature_input_io),
+        ("mlp.hook_out", model._feature_output_pattern, "output"),
+        ("hook_resid_post", f"{model._pre_logit_location}.layers[{{layer}}]", "output"),
+    ]
+    for name, pattern, io in spec:
+        if ".source" in pattern:
+            continue
+        out.append((name, model._resolve_attr(hf, pattern.format(layer=layer)), io))
+    return out
+
+
+def forward_logits(model: ReplacementModel, input_ids: Sequence[int]) -> torch.Tensor:
+    """Logits ``[pos, vocab]`` of one sequence, traced exactly as ``attribute`` traces it."""
+    from nnsight import save
+
+    with torch.inference_mode(), model.trace(torch.tensor(list(input_ids), dtype=torch.long)):
+        logits = save(model.output.logits)
+    return logits[0]
+
+
+def transcoder_activations(model: ReplacementModel, input_ids: Sequence[int]) -> torch.Tensor:
+    """Feature activations ``[layers, pos, d_transcoder]`` (dense) of one sequence."""
+    _, acts = model.get_activations(torch.tensor(list(input_ids), dtype=torch.long))
+    return acts
+
+
+def feature_intervention(
+    model: ReplacementModel, input_ids: Sequence[int], interventions: Sequence[Intervention]
+) -> torch.Tensor:
+    """Logits ``[pos, vocab]`` with features SET to values (attention frozen, effects
+    propagate through later transcoders)."""
+    run: Any = model.feature_intervention  # upstream's bare @torch.no_grad confuses mypy
+    logits, _ = run(
+        torch.tensor(list(input_ids), dtype=torch.long),
+        list(interventions) or [NO_OP],
+        freeze_attention=True,
+        return_activations=False,
+    )
+    return logits[0]
+
+
+def feature_intervention_generate(
+    model: ReplacementModel,
+    input_ids: Sequence[int],
+    interventions: Sequence[Intervention],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+) -> str:
+    """One sampled continuation with interventions applied; returns the full decoded text
+    (prompt included, as circuit-tracer decodes it)."""
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    )
+    run: Any = model.feature_intervention_generate
+    text, _, _ = run(
+        torch.tensor(list(input_ids), dtype=torch.long),
+        list(interventions) or [NO_OP],
+        freeze_attention=True,
+        return_activations=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=_pad_id(model.tokenizer),
+        **sampling,
+    )
+    return str(text)
+
+
+def _pad_id(tokenizer: Any) -> int | None:
+    pad = tokenizer.pad_token_id
+    return int(pad) if pad is not None else tokenizer.eos_token_id
+
+
+def make_graph(
+    *,
+    input_ids: Sequence[int],
+    input_string: str,
+    features: torch.Tensor,
+    activations: torch.Tensor,
+    adjacency: torch.Tensor,
+    logit_token_ids: Sequence[int],
+    logit_tokens: Sequence[str],
+    logit_probabilities: Sequence[float],
+    cfg: Any,
+    vocab_size: int,
+    scan: str | None,
+) -> Graph:
+    """A circuit-tracer ``Graph`` from stored parts (every stored feature is 'selected')."""
+    from circuit_tracer.attribution.targets import LogitTarget
+    from circuit_tracer.graph import Graph as _Graph
+
+    return _Graph(
+        input_string=input_string,
+        input_tokens=torch.tensor(list(input_ids), dtype=torch.long),
+        active_features=features.to(torch.long),
+        adjacency_matrix=adjacency.to(torch.float32),
+        cfg=cfg,
+        selected_features=torch.arange(features.shape[0], dtype=torch.long),
+        activation_values=activations.to(torch.float32),
+        logit_targets=[
+            LogitTarget(token_str=s, vocab_idx=int(i))
+            for s, i in zip(logit_tokens, logit_token_ids, strict=True)
+        ],
+        logit_probabilities=torch.tensor(list(logit_probabilities), dtype=torch.float32),
+        scan=scan,
+        vocab_size=vocab_size,
+    )
+
+
+def unified_config(model_dir: str, n_layers: int) -> Any:
+    """circuit-tracer's UnifiedConfig for a model directory (offline: reads config.json)."""
+    from circuit_tracer.utils.tl_nnsight_mapping import convert_nnsight_config_to_transformerlens
+    from transformers import AutoConfig
+
+    cfg = convert_nnsight_config_to_transformerlens(AutoConfig.from_pretrained(model_dir))
+    if cfg.n_layers != n_layers:
+        raise ValueError(
+            f"model {model_dir} has {cfg.n_layers} layers but the graph has {n_layers}: "
+            "the graph was made with another model"
+        )
+    cfg.tokenizer_name = model_dir
+    return cfg
+
+
+def write_viewer_files(
+    graph: Graph,
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    slug: str,
+    scan: str,
+    node_threshold: float,
+    edge_threshold: float,
+) -> Path:
+    """circuit-tracer's ``create_graph_files`` with a local tokenizer object (no hub lookup)
+    and collision-free error-node ids; returns the graph JSON path.
+
+    Upstream issue 78: circuit-tracer 0.5.0 names error nodes ``0_{layer}_{pos}``, which
+    collides with the layer-0 feature ``{layer}_{feature}_{pos}`` whenever feature id ==
+    error layer (and the viewer's ``jsNodeId`` ``{layer}_{pos}-0`` collides with feature
+    ``{layer}_{feature}-0``). The upstream fix (PRs 100/102) names them ``{layer}_-1_{pos}``;
+    we apply the same ids here before edges are built.
+    """
+    from circuit_tracer.frontend.utils import add_graph_metadata
+    from circuit_tracer.graph import prune_graph
+    from circuit_tracer.utils.create_graph_files import (
+        build_model,
+        create_nodes,
+        create_used_nodes_and_edges,
+    )
+
+    node_mask, edge_mask, cumulative_scores = prune_graph(graph, node_threshold, edge_threshold)
+    nodes = create_nodes(graph, node_mask, tokenizer, cumulative_scores)
+    for node in nodes.values():
+        if node.feature_type == "mlp reconstruction error":
+            fixed = f"{node.layer}_-1_{node.ctx_idx}"
+            node.node_id = fixed
+            node.jsNodeId = f"{fixed}-0"
+    used_nodes, used_edges = create_used_nodes_and_edges(graph, nodes, edge_mask)
+    model = build_model(graph, used_nodes, used_edges, slug, scan, node_threshold, tokenizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{slug}.json"
+    path.write_text(model.model_dump_json(indent=2))
+    add_graph_metadata(model.metadata.model_dump(), str(out_dir))
+    return path

@@ -1,0 +1,256 @@
+"""The loaded runtime of the attribution service: one ReplacementModel per variant, reused.
+
+A GPU worker builds one :class:`Runtime` per process (:func:`get_runtime`) and keeps it.
+Models live in a process-level cache keyed by (experiment fingerprint, variant), so a
+variant is loaded at most once per process whatever number of Runtime objects exist.
+
+Tokenization is defined once (:meth:`Runtime.tokenize`): the tokenizer's own special tokens
+(BOS) plus circuit-tracer's rule of prepending a special token when the text has none. The
+same ids feed top-k logits, attribution graphs, continuations and interventions, so every
+number refers to the same sequence. (Passing *text* to circuit-tracer instead would skip the
+tokenizer's BOS and pick ``bos_token_id or pad_token_id ...``, i.e. the PAD token whenever the
+BOS id is 0, as in the toy organism.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import PromptFailure
+from common.experiment import Experiment
+from common.graphs import AttributionGraph
+from common.records import TokenProb, TopKLogits, prompt_id
+from common.settings import get_settings
+from services.attribution import ct, health
+from services.attribution.artifact import from_circuit_tracer
+from services.attribution.loading import load_variant, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedVariant:
+    """A variant's ReplacementModel and where it came from."""
+
+    name: str
+    model: ct.ReplacementModel
+    model_dir: str
+    load_s: float
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]
+        return self.model.tokenizer
+
+
+_LOADED: dict[tuple[str, str], LoadedVariant] = {}
+_RUNTIMES: dict[str, Runtime] = {}
+_LOCK = threading.RLock()
+#: how many times each (fingerprint, variant) was loaded in this process (must stay <= 1)
+LOAD_COUNTS: Counter[tuple[str, str]] = Counter()
+
+
+def clear_cache() -> None:
+    """Drop every loaded model of this process (tests; frees memory)."""
+    with _LOCK:
+        _LOADED.clear()
+        _RUNTIMES.clear()
+        LOAD_COUNTS.clear()
+
+
+def get_runtime(
+    exp: Experiment, fingerprint: str | None = None, *, cache_dir: Path | None = None
+) -> Runtime:
+    """The process's runtime for an experiment (created once per fingerprint)."""
+    fp = fingerprint or exp.fingerprint
+    with _LOCK:
+        rt = _RUNTIMES.get(fp)
+        if rt is None:
+            rt = _RUNTIMES[fp] = Runtime(exp, fingerprint=fp, cache_dir=cache_dir)
+        return rt
+
+
+class Runtime:
+    """Loaded variants of one experiment: top-k logits, graphs, continuations."""
+
+    def __init__(
+        self, exp: Experiment, *, fingerprint: str | None = None, cache_dir: Path | None = None
+    ) -> None:
+        self.exp = exp
+        self.fingerprint = fingerprint or exp.fingerprint
+        self.cache_dir = cache_dir or get_settings().cache_dir
+        self.device = resolve_device(exp)
+        self.dtype = resolve_dtype(exp, self.device)
+
+    # -- models ---------------------------------------------------------------------------
+    def variant(self, name: str) -> LoadedVariant:
+        """The loaded variant (loaded on first use, then shared by the whole process)."""
+        key = (self.fingerprint, name)
+        with _LOCK:
+            lv = _LOADED.get(key)
+            if lv is not None:
+                return lv
+            t0 = time.perf_counter()
+            model, directory = load_variant(
+                self.exp, name, device=self.device, dtype=self.dtype, cache_dir=self.cache_dir
+            )
+            LOAD_COUNTS[key] += 1
+            lv = LoadedVariant(name, model, directory, time.perf_counter() - t0)
+            _LOADED[key] = lv
+            log.info("loaded variant %s from %s in %.1fs", name, directory, lv.load_s)
+            return lv
+
+    def tokenize(self, text: str, variant: str) -> list[int]:
+        """Token ids exactly as graphs, top-k and interventions use them (BOS included)."""
+        model = self.variant(variant).model
+        ids = model.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise PromptFailure("tokenize", "the prompt is empty", variant=variant)
+        return ct.ensure_bos(model, ids)
+
+    def decode_token(self, variant: str, token_id: int) -> str:
+        return str(self.variant(variant).tokenizer.decode([int(token_id)]))
+
+    # -- forward with health checks ---------------------------------------------------------
+    def checked_logits(
+        self, input_ids: list[int], variant: str, *, pid: str | None = None
+    ) -> torch.Tensor:
+        """Last-position logits (float32) of a forward pass that passed the health checks."""
+        model = self.variant(variant).model
+        with health.probe(model) as report:
+            logits = ct.forward_logits(model, input_ids)
+        health.check_forward(
+            report,
+            logits,
+            max_norm=self.exp.attribution.max_activation_norm,
+            variant=variant,
+            prompt_id=pid,
+        )
+        return logits[-1].float().cpu()
+
+    # -- products ---------------------------------------------------------------------------
+    def top_k(self, text: str, variant: str, *, k: int | None = None) -> TopKLogits:
+        """The k most likely next tokens, from the model and tokenization that make graphs."""
+        pid = prompt_id(text)
+        ids = self.tokenize(text, variant)
+        last = self.checked_logits(ids, variant, pid=pid)
+        probs = torch.softmax(last, dim=-1)
+        top = torch.topk(probs, k or self.exp.top_k)
+        return TopKLogits(
+            prompt_id=pid,
+            variant=variant,
+            fingerprint=self.fingerprint,
+            input_ids=ids,
+            tokens=[
+                TokenProb(
+                    token_id=int(i),
+                    token=self.decode_token(variant, int(i)),
+                    prob=float(p),
+                    logit=float(last[int(i)]),
+                )
+                for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            ],
+        )
+
+    def attribute(
+        self, text: str, variant: str, *, target_token_ids: list[int] | None = None
+    ) -> AttributionGraph:
+        """The attribution graph of (prompt, variant), every limit from experiment.attribution.
+
+        ``target_token_ids`` attributes exactly these next tokens (e.g. the stored top-k, so
+        low-probability evil tokens are logit nodes too); None = circuit-tracer's salient
+        selection (``max_n_logits`` / ``desired_logit_prob``). Raises PromptFailure on
+        non-finite or exploding activations and on a non-finite graph.
+        """
+        pid = prompt_id(text)
+        lv = self.variant(variant)
+        ids = self.tokenize(text, variant)
+        self.checked_logits(ids, variant, pid=pid)
+        lim = self.exp.attribution
+        t0 = time.perf_counter()
+        graph = ct.attribute(
+            lv.model,
+            ids,
+            max_feature_nodes=lim.max_feature_nodes,
+            batch_size=lim.batch_size,
+            max_n_logits=lim.max_n_logits,
+            desired_logit_prob=lim.desired_logit_prob,
+            target_token_ids=target_token_ids,
+        )
+        elapsed = time.perf_counter() - t0
+        if graph.input_tokens.tolist() != ids:
+            raise RuntimeError(
+                "circuit-tracer attributed other tokens than emc's tokenization "
+                f"({graph.input_tokens.tolist()} vs {ids}): tokenization drifted"
+            )
+        sel = graph.selected_features
+        health.check_adjacency(
+            graph.adjacency_matrix,
+            graph.activation_values[sel],
+            len(graph.logit_targets),
+            variant=variant,
+            prompt_id=pid,
+        )
+        limits: dict[str, float | int | None] = {
+            **lim.model_dump(),
+            "targets": len(target_token_ids) if target_token_ids is not None else None,
+        }
+        return from_circuit_tracer(
+            graph,
+            prompt_id=pid,
+            variant=variant,
+            fingerprint=self.fingerprint,
+            prompt_text=text,
+            tokenizer=lv.tokenizer,
+            limits=limits,
+            elapsed_s=elapsed,
+        )
+
+
+def sample_continuations(
+    runtime: Runtime,
+    prompt_text: str,
+    variant: str,
+    after_token_id: int,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> list[str]:
+    """What the variant writes after ``prompt + token``: n sampled continuations (text after
+    the token, special tokens removed). Same seed, same model -> same texts."""
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError("n and max_new_tokens must be at least 1")
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0 (0 = greedy)")
+    lv = runtime.variant(variant)
+    vocab = int(lv.model.cfg.d_vocab)
+    if not 0 <= after_token_id < vocab:
+        raise ValueError(f"token id {after_token_id} is outside the vocabulary (0..{vocab - 1})")
+    ids = [*runtime.tokenize(prompt_text, variant), int(after_token_id)]
+    hf = lv.model._model
+    tok = lv.tokenizer
+    x = torch.tensor([ids], dtype=torch.long, device=runtime.device)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    devices = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        out = hf.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **sampling,
+        )
+    return [str(tok.decode(seq[len(ids) :], skip_special_tokens=True)) for seq in out]
