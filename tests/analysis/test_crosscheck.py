@@ -59,7 +59,8 @@ def test_matches_circuit_tracer_on_a_complete_non_negative_graph() -> None:
     mine = ours(g, inf.total)
     torch.testing.assert_close(mine, ct, rtol=1e-9, atol=1e-12)
     # hence the same ordering of |scores| (all non-negative here)
-    assert torch.equal(torch.argsort(mine.abs(), stable=True), torch.argsort(ct.abs(), stable=True))
+    o = mine.abs()[torch.argsort(ct.abs())]
+    assert bool((o[1:] - o[:-1] >= -1e-9 * float(o.max())).all())
     # the indirect paths are a real part of it: the direct part alone does not match
     assert not torch.allclose(ours(g, inf.direct), ct, rtol=1e-3)
 
