@@ -22,6 +22,8 @@ from tests.fixtures.servers import WorkerProcess, wait_until, worker_env
 VISIBILITY_S = 3.0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("queue", "task"),
     [("analysis", "emc.analysis.test_record_once"), ("gpu", "emc.gpu.test_record_once")],

@@ -40,6 +40,7 @@ def _leftovers(procs: dict[int, psutil.Process]) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_emc_up_serves_queues_restarts_dead_worker_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     home = tmp_path / "home"
