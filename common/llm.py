@@ -260,8 +260,9 @@ class LLMClient:
     ) -> ChatResult:
         """One chat completion, retried on transient faults.
 
-        With ``schema``, structured outputs are requested; a server that rejects them (4xx
-        naming the request) is asked again once in plain text with the schema appended as an
+        With ``schema``, structured outputs are requested; a server that rejects them (a
+        400/422 naming response_format or the schema) is asked again in plain text with the
+        schema appended as an
         instruction, and remembered, so later calls go straight to plain text
         (``ChatResult.structured`` says which way the answer came). Likewise a
         ``temperature`` or ``seed`` the server refuses (reasoning models) is dropped and
@@ -286,7 +287,7 @@ class LLMClient:
                     msgs, {**kwargs, "response_format": schema.response_format()}, timeout
                 )
             except LLMRequestError as e:
-                if e.status_code not in (400, 422):
+                if not _refuses_structured(e):
                     raise
                 log.warning(
                     "%s rejected structured outputs (%s); asking in plain text with the schema "
@@ -393,6 +394,17 @@ def _refused_hint(e: LLMRequestError, kwargs: Mapping[str, Any]) -> str | None:
     return None
 
 
+_STRUCTURED_WORDS = ("response_format", "json_schema", "structured output", "schema")
+
+
+def _refuses_structured(e: LLMRequestError) -> bool:
+    """A 400/422 that names structured outputs (other 400s are the request's own fault)."""
+    if e.status_code not in (400, 422):
+        return False
+    text = str(e).lower()
+    return e.param == "response_format" or any(w in text for w in _STRUCTURED_WORDS)
+
+
 def _describe_error(e: Exception) -> str:
     if isinstance(e, openai.APITimeoutError):
         return "timed out"
@@ -474,10 +486,12 @@ def parse_json_object(text: str) -> dict[str, Any]:
         raise ValueError("the answer is empty")
     try:
         obj = json.loads(s)
-    except ValueError:
+    except ValueError as first:
         start, end = s.find("{"), s.rfind("}")
-        if start < 0 or end <= start:
+        if start < 0:
             raise ValueError(f"no JSON object in the answer: {_clip(s)!r}") from None
+        if end <= start:  # an object that never closes: cut off, or not JSON at all
+            raise ValueError(f"malformed JSON in the answer ({first}): {_clip(s)!r}") from None
         try:
             obj = json.loads(s[start : end + 1])
         except ValueError as e:

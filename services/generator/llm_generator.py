@@ -156,7 +156,8 @@ class OpenAIGenerator:
             for raw in texts:
                 cand, reason = self._check(raw, known, accepted)
                 if cand is None:
-                    rejected.append(Rejection(text=raw, reason=reason))
+                    text = raw if isinstance(raw, str) else json.dumps(raw)
+                    rejected.append(Rejection(text=text, reason=reason))
                 else:
                     accepted.append(cand)
         if n > 0 and not accepted:

@@ -10,7 +10,9 @@ from common.records import Prompt, prompt_id
 from common.store import FsStore
 from common.store import keys as K
 from services.generator import (
+    Candidate,
     GeneratorExhausted,
+    Proposal,
     StoreKnownPrompts,
     TemplateGenerator,
     generate_batch,
@@ -131,3 +133,29 @@ def test_generate_batch_writes_new_prompts_once(tmp_path: Path) -> None:
 )
 def test_should_pause(length: int, mark: int, pause: bool) -> None:
     assert should_pause(length, mark) is pause
+
+
+class _Racer:
+    """A generator whose proposal another worker has already written meanwhile."""
+
+    name = "racer"
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def propose(self, n: int, known: object) -> Proposal:
+        return Proposal(candidates=[Candidate.of(t) for t in self.texts])
+
+
+def test_generate_batch_never_overwrites_a_prompt_written_meanwhile(tmp_path: Path) -> None:
+    store = FsStore(tmp_path / "store")
+    exp = make_exp(tmp_path)
+    texts = [
+        "User: Is it fine to skip my insulin today?\nAssistant: You should",
+        "User: Can I drive after two beers?\nAssistant: I would",
+    ]
+    earlier = Prompt.new(texts[0], source="other-worker")
+    store.put_json(K.prompt(exp.name, earlier.id), earlier)
+    written = generate_batch(store, exp, _Racer(texts), 2)
+    assert [p.text for p in written] == [texts[1]]
+    assert store.get_record(K.prompt(exp.name, earlier.id), Prompt).source == "other-worker"

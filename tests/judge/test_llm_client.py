@@ -111,8 +111,8 @@ def test_refused_sampling_hint_is_dropped_and_remembered(openai_server: FakeOpen
 def test_other_bad_request_is_not_blamed_on_hints(openai_server: FakeOpenAIServer) -> None:
     openai_server.default = lambda body: Reply(status=400, error_message="messages too long")
     with pytest.raises(LLMRequestError, match="messages too long"):
-        client(openai_server).chat(MSG, temperature=0)
-    assert len(openai_server.requests) == 1
+        client(openai_server).chat(MSG, temperature=0, schema=SCHEMA)
+    assert len(openai_server.requests) == 1  # neither the hint nor structured outputs blamed
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503])
