@@ -18,6 +18,8 @@ from common.store import ObjectStore, open_store
 if TYPE_CHECKING:
     import redis
 
+    from common.review_queue import ReviewQueue
+
 
 def experiment_path(settings: Settings) -> Path:
     """The experiment file: EMC_EXPERIMENT, or the toy organism's (built on first use)."""
@@ -43,13 +45,16 @@ class Context:
             return self._redis
         import redis as redis_lib
 
-        url = self.settings.broker_url
-        if not url:
-            raise RuntimeError(
-                "no broker: EMC_BROKER_URL is unset. Run `emc up` (it starts the embedded "
-                "Redis and sets it for its workers) or point EMC_BROKER_URL at a Redis server"
-            )
-        return redis_lib.Redis.from_url(url, decode_responses=True)
+        from common.broker import broker_url
+
+        return redis_lib.Redis.from_url(broker_url(self.settings), decode_responses=True)
+
+    @cached_property
+    def queue(self) -> ReviewQueue:
+        """The review queue and status index of this experiment."""
+        from common.review_queue import ReviewQueue
+
+        return ReviewQueue(self.redis, self.exp.name)
 
     def check_task(self, exp_name: str) -> None:
         """Refuse a task meant for another experiment than the one this process runs."""

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
         ge=0,
         description="`emc up`: restarts of a process that died before the whole system stops",
     )
+    generate_every_s: float = Field(
+        default=30.0, gt=0, description="streaming: how often beat asks the generator for a batch"
+    )
     store: StoreSettings = Field(default_factory=StoreSettings)
     experiment: Path | None = Field(
         default=None, description="experiment YAML; unset = the toy model organism"

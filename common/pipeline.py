@@ -1,0 +1,372 @@
+"""The flow of one prompt through the services, as plain functions.
+
+The status index records how far the automatic work on a prompt got; waiting for a human
+is a separate fact, kept in the review queue (a prompt can be analyzed from the judge's
+verdicts while it waits for review, and is re-analyzed when its labels arrive).
+
+generated -> logits (gpu) -> judged -> [evil in a non-reference variant?] -> review queue and
+graph requests (gpu, every variant) -> analysis once the graphs exist (re-run when labels
+change). Each step function does its work through the services' plain functions, updates
+the status index and returns the :class:`Next` steps to enqueue; Celery tasks are thin
+shells that call a step and send its ``Next`` list (:mod:`services.*.tasks`), and
+:func:`run_inline` runs the same steps synchronously (tests, benchmarks, debugging).
+
+Every step is idempotent: artifacts already stored for this prompt and fingerprint are
+reused, never recomputed into different content.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from common.context import Context
+from common.errors import PromptFailure
+from common.records import Failure, Prompt, Status, TopKLogits, Verdict
+from common.review_queue import PromptState, rebuild
+from common.store import NotFound
+from common.store import keys as K
+
+if TYPE_CHECKING:
+    from services.attribution.runtime import Runtime
+    from services.judge.core import Judge
+
+log = logging.getLogger(__name__)
+
+#: states after which a prompt needs no more automatic work
+FINAL = frozenset({Status.done, Status.analyzed, Status.failed})
+
+
+@dataclass(frozen=True)
+class Next:
+    """A step to enqueue: a task name (``emc.<queue>.<name>``) and its keyword arguments."""
+
+    task: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def load_prompt(ctx: Context, pid: str) -> Prompt:
+    try:
+        return ctx.store.get_record(K.prompt(ctx.exp.name, pid), Prompt)
+    except NotFound:
+        raise PromptFailure(
+            "load", f"prompt {pid} is not in the store {ctx.store.describe()}", prompt_id=pid
+        ) from None
+
+
+def load_logits(ctx: Context, pid: str) -> dict[str, TopKLogits]:
+    out = {}
+    for variant in ctx.exp.variant_names:
+        key = K.logits(ctx.exp.name, pid, ctx.fingerprint, variant)
+        out[variant] = ctx.store.get_record(key, TopKLogits)
+    return out
+
+
+def load_verdicts(ctx: Context, pid: str, judge: str) -> dict[str, Verdict]:
+    out = {}
+    for variant in ctx.exp.variant_names:
+        key = K.verdicts(ctx.exp.name, pid, ctx.fingerprint, judge, variant)
+        out[variant] = ctx.store.get_record(key, Verdict)
+    return out
+
+
+def record_failure(ctx: Context, failure: PromptFailure, pid: str) -> None:
+    """Store why the prompt failed (next to it) and mark it failed in the status index."""
+    record = failure.to_record(pid)
+    ctx.store.put_json(K.failure(ctx.exp.name, pid, ctx.fingerprint, failure.step), record)
+    ctx.queue.set_status(pid, Status.failed, reason=f"{failure.step}: {failure.reason}")
+    log.warning("prompt %s failed %s: %s", pid, failure.step, failure.reason)
+
+
+def graphs_done(ctx: Context, pid: str) -> bool:
+    from services.attribution.artifact import graph_exists
+
+    return all(
+        graph_exists(ctx.store, ctx.exp.name, pid, ctx.fingerprint, v)
+        for v in ctx.exp.variant_names
+    )
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def batch_key(ctx: Context, batch: str) -> str:
+    return f"emc:{ctx.exp.name}:batch:{batch}"
+
+
+def step_generate(ctx: Context, n: int, batch: str | None = None) -> list[Next]:
+    """Generate up to ``n`` new prompts (paused by backpressure unless a batch asks)."""
+    from services.generator.core import generate_batch, make_generator, should_pause
+    from services.judge.examples import StoreExamples
+
+    if batch is None and should_pause(len(ctx.queue), ctx.exp.generator.high_water_mark):
+        log.info("review queue at %d >= high-water mark: not generating", len(ctx.queue))
+        return []
+    generator = make_generator(ctx.exp, ctx.settings, StoreExamples(ctx.store, ctx.exp))
+    prompts = generate_batch(ctx.store, ctx.exp, generator, n)
+    for p in prompts:
+        ctx.queue.set_status(p.id, Status.generated)
+    if batch is not None:
+        pipe = ctx.redis.pipeline()
+        if prompts:
+            pipe.rpush(batch_key(ctx, batch), *[p.id for p in prompts])
+        pipe.incr(batch_key(ctx, batch) + ":answers")
+        pipe.expire(batch_key(ctx, batch), 7 * 86400)
+        pipe.execute()
+    return [Next("emc.gpu.logits", {"exp": ctx.exp.name, "prompt_id": p.id}) for p in prompts]
+
+
+def step_logits(ctx: Context, runtime: Runtime, pid: str) -> list[Next]:
+    """Top-k logits of every variant (reused when already stored), then the judge."""
+    from services.attribution.steps import logits_step
+
+    prompt = load_prompt(ctx, pid)
+    missing = [
+        v
+        for v in ctx.exp.variant_names
+        if not ctx.store.exists(K.logits(ctx.exp.name, pid, ctx.fingerprint, v))
+    ]
+    if missing:
+        logits_step(runtime, ctx.store, prompt, missing)
+    ctx.queue.set_status(pid, Status.logits)
+    return [Next("emc.judge.verdicts", {"exp": ctx.exp.name, "prompt_id": pid})]
+
+
+def step_judge(ctx: Context, judge: Judge, pid: str) -> list[Next]:
+    """Verdicts for every top-k token of every variant, then the funnel's decision."""
+    from services.judge.funnel import funnel
+
+    prompt = load_prompt(ctx, pid)
+    logits = load_logits(ctx, pid)
+    try:
+        verdicts = load_verdicts(ctx, pid, judge.name)
+    except NotFound:
+        verdicts = judge.judge(prompt, logits)
+        for variant, verdict in verdicts.items():
+            ctx.store.put_json(
+                K.verdicts(ctx.exp.name, pid, ctx.fingerprint, judge.name, variant), verdict
+            )
+    decision = funnel(ctx.exp, verdicts, logits)
+    if decision.to_review:
+        ctx.queue.push(pid, decision.divergent, decision.evil_score)
+    else:
+        ctx.queue.set_status(pid, Status.judged if decision.graph_variants else Status.done)
+    return [
+        Next("emc.gpu.graph", {"exp": ctx.exp.name, "prompt_id": pid, "variant": v})
+        for v in decision.graph_variants
+    ]
+
+
+def step_graph(ctx: Context, runtime: Runtime, pid: str, variant: str) -> list[Next]:
+    """The attribution graph of (prompt, variant); analysis once every variant has one."""
+    from services.attribution.artifact import graph_exists
+    from services.attribution.steps import graph_step
+
+    if not graph_exists(ctx.store, ctx.exp.name, pid, ctx.fingerprint, variant):
+        graph_step(runtime, ctx.store, load_prompt(ctx, pid), variant)
+    if not graphs_done(ctx, pid):
+        return []
+    ctx.queue.set_status(pid, Status.graphed)
+    return [Next("emc.analysis.rank_prompt", {"exp": ctx.exp.name, "prompt_id": pid})]
+
+
+def step_rank(ctx: Context, pid: str) -> list[Next]:
+    """Feature rankings of every variant (cached by labels version); needs every graph."""
+    from services.analysis.ranking import rank_prompt
+
+    if not graphs_done(ctx, pid):
+        log.info("prompt %s: graphs not all there yet; analysis waits for the last one", pid)
+        return []
+    for variant in ctx.exp.variant_names:
+        rank_prompt(ctx.store, ctx.exp, pid, variant, fingerprint=ctx.fingerprint)
+    ctx.queue.set_status(pid, Status.analyzed)
+    return []
+
+
+# ----------------------------------------------------------------------------- inline runner
+
+
+@dataclass
+class InlineWorkers:
+    """What :func:`run_inline` needs to execute steps in this process."""
+
+    runtime: Runtime
+    judge: Judge
+
+
+def execute(ctx: Context, workers: InlineWorkers, nxt: Next) -> list[Next]:
+    """Run one step in this process (no Celery), recording a prompt failure like a task."""
+    kw = dict(nxt.kwargs)
+    kw.pop("exp", None)
+    pid = kw.get("prompt_id")
+    try:
+        if nxt.task == "emc.generate.batch":
+            return step_generate(ctx, kw["n"], kw.get("batch"))
+        if nxt.task == "emc.gpu.logits":
+            return step_logits(ctx, workers.runtime, kw["prompt_id"])
+        if nxt.task == "emc.judge.verdicts":
+            return step_judge(ctx, workers.judge, kw["prompt_id"])
+        if nxt.task == "emc.gpu.graph":
+            return step_graph(ctx, workers.runtime, kw["prompt_id"], kw["variant"])
+        if nxt.task == "emc.analysis.rank_prompt":
+            return step_rank(ctx, kw["prompt_id"])
+    except PromptFailure as e:
+        if pid is None:
+            raise
+        record_failure(ctx, e, pid)
+        return []
+    raise ValueError(f"no inline step for task {nxt.task!r}")
+
+
+def run_inline(ctx: Context, workers: InlineWorkers, first: Iterable[Next]) -> int:
+    """Run steps and everything they enqueue, breadth-first, in this process; returns count."""
+    todo: deque[Next] = deque(first)
+    done = 0
+    while todo:
+        todo.extend(execute(ctx, workers, todo.popleft()))
+        done += 1
+    return done
+
+
+# ----------------------------------------------------------------------------- index
+
+
+def derive_state(ctx: Context, pid: str) -> PromptState:
+    """Where a prompt stands, from its artifacts in the store alone (for ``emc reindex``)."""
+    from common.labels import current_label
+
+    exp, fp = ctx.exp, ctx.fingerprint
+    run = K.run_dir(exp.name, pid, fp)
+    present = set(ctx.store.list_keys(run + "/"))
+    if any(k.startswith(run + "/failures/") for k in present):
+        return PromptState(Status.failed)
+    has = {
+        "logits": all(K.logits(exp.name, pid, fp, v) in present for v in exp.variant_names),
+        "verdicts": all(
+            K.verdicts(exp.name, pid, fp, exp.judge.judge_id, v) in present
+            for v in exp.variant_names
+        ),
+        "graphs": all(K.graph_manifest(exp.name, pid, fp, v) in present for v in exp.variant_names),
+        "features": all(K.features(exp.name, pid, fp, v) in present for v in exp.variant_names),
+    }
+    if not has["logits"]:
+        return PromptState(Status.generated)
+    if not has["verdicts"]:
+        return PromptState(Status.logits)
+    from services.judge.funnel import funnel
+
+    decision = funnel(exp, load_verdicts(ctx, pid, exp.judge.judge_id), load_logits(ctx, pid))
+    labeled = current_label(ctx.store, exp.name, pid) is not None
+    if decision.to_review and not labeled:
+        return PromptState(Status.in_review, decision.divergent, decision.evil_score)
+    if has["features"]:
+        return PromptState(Status.analyzed)
+    if has["graphs"]:
+        return PromptState(Status.graphed)
+    if labeled:
+        return PromptState(Status.labeled)
+    return PromptState(Status.judged if decision.graph_variants else Status.done)
+
+
+def prompt_ids(ctx: Context) -> Iterator[str]:
+    prefix = K.prompts_prefix(ctx.exp.name)
+    for key in ctx.store.list_keys(prefix):
+        if key.endswith("/prompt.json"):
+            yield key[len(prefix) :].split("/", 1)[0]
+
+
+def reindex(ctx: Context, progress: Callable[[Iterable[str]], Iterable[str]] | None = None) -> int:
+    """Rebuild the review queue and status index in Redis from the object store."""
+    pids: Iterable[str] = list(prompt_ids(ctx))
+    if progress is not None:
+        pids = progress(pids)
+    return rebuild(ctx.queue, ((pid, derive_state(ctx, pid)) for pid in pids))
+
+
+def recent_failures(ctx: Context, limit: int = 10) -> list[Failure]:
+    """The latest failure records of this experiment's current fingerprint."""
+    out = []
+    for pid in prompt_ids(ctx):
+        prefix = K.run_dir(ctx.exp.name, pid, ctx.fingerprint) + "/failures/"
+        for key in ctx.store.list_keys(prefix):
+            out.append(ctx.store.get_record(key, Failure))
+    out.sort(key=lambda f: f.created_at, reverse=True)
+    return out[:limit]
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def new_batch_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def batch_pids(ctx: Context, batch: str) -> tuple[list[str], int]:
+    """(prompt ids generated so far for a batch, number of generator answers received)."""
+    pids = ctx.redis.lrange(batch_key(ctx, batch), 0, -1)
+    answers = int(ctx.redis.get(batch_key(ctx, batch) + ":answers") or 0)
+    return [str(p) for p in pids], answers
+
+
+def statuses(ctx: Context, pids: Iterable[str]) -> dict[str, Status | None]:
+    return {pid: ctx.queue.status(pid) for pid in pids}
+
+
+def wait_final(
+    ctx: Context,
+    pids: list[str],
+    *,
+    timeout_s: float,
+    on_progress: Callable[[int, dict[str, Status | None]], None] | None = None,
+    poll_s: float = 0.5,
+) -> dict[str, Status | None]:
+    """Poll the status index until every prompt is final (done/analyzed/failed) or time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = statuses(ctx, pids)
+        final = sum(1 for s in now.values() if s in FINAL)
+        if on_progress is not None:
+            on_progress(final, now)
+        if final == len(pids) or time.monotonic() > deadline:
+            return now
+        time.sleep(poll_s)
+
+
+# ----------------------------------------------------------------------------- Celery shells
+
+
+def send_all(nexts: Iterable[Next]) -> None:
+    """Enqueue steps by task name (never waiting on their results)."""
+    from common.celery_app import app
+
+    for nxt in nexts:
+        app.send_task(nxt.task, kwargs=nxt.kwargs)
+
+
+def task_step(exp: str, pid: str | None, step: Callable[[Context], list[Next]]) -> int:
+    """Body of every pipeline task: check the experiment, run the step, enqueue what follows.
+
+    A :class:`PromptFailure` is stored with the prompt (not retried: the same input fails
+    the same way); other exceptions propagate to Celery (transient ones are retried).
+    """
+    from common.context import get_context
+
+    ctx = get_context()
+    ctx.check_task(exp)
+    try:
+        nexts = step(ctx)
+    except PromptFailure as e:
+        if pid is None:
+            raise
+        record_failure(ctx, e, pid)
+        return 0
+    send_all(nexts)
+    return len(nexts)

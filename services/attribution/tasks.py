@@ -1,0 +1,60 @@
+"""GPU tasks (queue ``gpu``): thin shells over :mod:`common.pipeline` and the runtime.
+
+A GPU worker runs one task at a time (``-c 1``, prefetch 1) and loads each variant's model
+once per process (:func:`services.attribution.runtime.get_runtime` caches it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from common.celery_app import app
+from common.pipeline import step_graph, step_logits, task_step
+
+if TYPE_CHECKING:
+    from common.context import Context
+    from services.attribution.runtime import Runtime
+
+
+def _runtime(ctx: Context) -> Runtime:
+    from services.attribution.runtime import get_runtime
+
+    return get_runtime(ctx.exp, ctx.fingerprint, cache_dir=ctx.settings.cache_dir)
+
+
+@app.task(name="emc.gpu.logits")
+def logits(exp: str, prompt_id: str) -> int:
+    """Top-k logits of every variant, then the judge."""
+    return task_step(exp, prompt_id, lambda ctx: step_logits(ctx, _runtime(ctx), prompt_id))
+
+
+@app.task(name="emc.gpu.graph")
+def graph(exp: str, prompt_id: str, variant: str) -> int:
+    """Attribution graph of one variant; analysis once every variant has one."""
+    return task_step(exp, prompt_id, lambda ctx: step_graph(ctx, _runtime(ctx), prompt_id, variant))
+
+
+@app.task(name="emc.gpu.sample_continuations")
+def sample_continuations(exp: str, prompt_id: str, variant: str, token_id: int, n: int = 3) -> int:
+    """A few continuations after a chosen top-k token (the review UI's "what follows?")."""
+    from common.context import get_context
+    from common.pipeline import load_prompt
+    from common.store import keys as K
+    from services.attribution.runtime import sample_continuations as sample
+
+    ctx = get_context()
+    ctx.check_task(exp)
+    prompt = load_prompt(ctx, prompt_id)
+    texts = sample(
+        _runtime(ctx),
+        prompt.text,
+        variant,
+        token_id,
+        n,
+        max_new_tokens=24,
+        temperature=1.0,
+        seed=token_id,
+    )
+    key = K.samples(exp, prompt_id, ctx.fingerprint, variant, token_id)
+    ctx.store.put_json(key, {"schema_version": 1, "continuations": texts})
+    return len(texts)
