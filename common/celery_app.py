@@ -13,6 +13,7 @@ every worker. A new service adds its ``tasks`` module there.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -116,7 +117,7 @@ class EmcTask(Task):  # type: ignore[misc]
     """Base of every emc task: late ack, retries with backoff on :class:`TransientError` only.
 
     ``self.log`` is a logger whose records carry the task id and the prompt id (the
-    ``prompt_id`` keyword argument of the call, if any).
+    task's ``prompt_id`` argument, given by keyword or position; ``-`` if it has none).
     """
 
     autoretry_for = (TransientError,)
@@ -129,12 +130,21 @@ class EmcTask(Task):  # type: ignore[misc]
 
     @property
     def log(self) -> logging.LoggerAdapter:  # type: ignore[type-arg]
-        request = self.request
-        kwargs = request.kwargs or {}
         return _TaskLog(
             logging.getLogger(self.name),
-            {"task_id": request.id, "prompt_id": kwargs.get("prompt_id", "-")},
+            {"task_id": self.request.id, "prompt_id": self._prompt_id()},
         )
+
+    def _prompt_id(self) -> str:
+        request = self.request
+        kwargs = request.kwargs or {}
+        if "prompt_id" in kwargs:
+            return str(kwargs["prompt_id"])
+        try:
+            bound = inspect.signature(self.run).bind_partial(*(request.args or ()), **kwargs)
+        except (TypeError, ValueError):
+            return "-"
+        return str(bound.arguments.get("prompt_id", "-"))
 
 
 def make_app(settings: Settings | None = None) -> Celery:

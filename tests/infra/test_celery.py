@@ -94,10 +94,12 @@ def test_worker_runs_tasks_retries_transient_only_and_logs_ids(
     store = FsStore(tmp_path / "store")
 
     done = producer.send_task("emc.analysis.test_record_once", ["t/ok"], {"prompt_id": "p-ok"})
+    positional = producer.send_task("emc.analysis.test_record_once", ["t/pos", 0.0, "p-pos"])
     flaky = producer.send_task("emc.judge.test_flaky", ["t/flaky", 2], {"prompt_id": "p-fl"})
     broken = producer.send_task("emc.judge.test_broken", ["t/broken"], {"prompt_id": "p-br"})
 
     wait_until(lambda: store.exists("t/ok/result.json"), 20, "the task result")
+    wait_until(lambda: store.exists("t/pos/result.json"), 20, "the second task result")
     wait_until(lambda: store.exists("t/flaky/done.json"), 30, "the flaky task to succeed")
     wait_until(lambda: f"{broken.id}] raised unexpected" in worker.log(), 20, "broken to fail")
 
@@ -108,5 +110,6 @@ def test_worker_runs_tasks_retries_transient_only_and_logs_ids(
     assert len(store.history("t/broken/attempts")) == 1
     log = worker.log()
     assert f"[task={done.id} prompt=p-ok] started" in log
+    assert f"[task={positional.id} prompt=p-pos] started" in log
     assert f"[task={flaky.id} prompt=p-fl] attempt 3" in log
     assert f"emc.judge.test_broken[{broken.id}] retry" not in log
