@@ -126,6 +126,12 @@ def direction_weights(
     safe_idx = [k for k, t in enumerate(m.logit_token_ids) if labels.get(t) == "safe"]
     if not evil_idx:
         wanted = sorted(t for t, lab in labels.items() if lab == "evil")
+        if not wanted:
+            raise AnalysisError(
+                "no token is labelled evil for this variant: there is nothing to explain",
+                prompt_id=m.prompt_id,
+                variant=m.variant,
+            )
         raise AnalysisError(
             f"none of the evil tokens {wanted} is a logit node of the graph (logit nodes: "
             f"{m.logit_token_ids}): nothing to explain; raise the graph's max_n_logits or "

@@ -9,8 +9,8 @@ domain. For each held-out prompt where it does (adapted harmful mass clearly abo
 2. set the ``top_n`` highest-scoring features to 0 at their positions, with effects propagating
    through all later layers (``feature_intervention``, ``constrained_layers=None``, attention
    patterns frozen), and measure the harmful probability mass at the last position;
-3. do the same with ``top_n`` features drawn at random from the graph's other active
-   features (``draws`` times, averaged).
+3. do the same with ``top_n`` features drawn at random from all other active features of
+   the prompt (activation > 0, any layer, positions after BOS; ``draws`` times, averaged).
 
 Harmful mass = sum of next-token probabilities over every vocabulary token that is a harmful
 lexicon word (after stripping whitespace/punctuation and lowercasing). Drop = 1 - mass after
@@ -144,6 +144,17 @@ def ablated_mass(
     return harmful_mass(logits[-1].float().cpu(), harmful_ids)
 
 
+def active_features(runtime: Runtime, variant: str, input_ids: Sequence[int]) -> list[FeatureKey]:
+    """Every active transcoder feature (activation > 0) outside position 0 (BOS, which
+    circuit-tracer leaves out of graphs): the population the random control draws from."""
+    from services.attribution import ct
+
+    acts = ct.transcoder_activations(runtime.variant(variant).model, list(input_ids))
+    acts = acts.to_dense() if acts.is_sparse else acts
+    idx = (acts[:, 1:] > 0).nonzero().tolist()
+    return [(int(layer), int(pos) + 1, int(feat)) for layer, pos, feat in idx]
+
+
 def validate_prompt(
     runtime: Runtime,
     text: str,
@@ -172,11 +183,7 @@ def validate_prompt(
     if not top:
         raise AnalysisError("no feature pushes towards the evil tokens (all scores <= 0)")
     top_keys = [(f.layer, f.pos, f.feature) for f in top]
-    others = [
-        k
-        for k in (tuple(int(x) for x in row) for row in graph.features.tolist())
-        if k not in top_keys
-    ]
+    others = [k for k in active_features(runtime, variant, ids) if k not in set(top_keys)]
     if len(others) < top_n:
         raise AnalysisError(f"only {len(others)} other active features: too few for a random draw")
     err = scores.score[graph.error_slice].abs().sum()
