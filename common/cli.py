@@ -20,6 +20,7 @@ app = typer.Typer(
 # (module, attribute, name): sub-apps or single commands contributed by the services.
 _SUBAPPS: list[tuple[str, str]] = [
     ("common.system_cli", "register"),
+    ("common.pipeline_cli", "register"),
     ("common.organism.cli", "register"),
     ("services.attribution.cli", "register"),
     ("services.generator.cli", "register"),
