@@ -215,7 +215,7 @@ class LLMClient:
         self._slots = threading.BoundedSemaphore(max_concurrency)
         # None = not known yet; False once the server rejected response_format.
         self._structured_ok: bool | None = None
-        self._unsupported: set[str] = set()  # sampling hints this server refused
+        self._unsupported: set[str] = set()  # optional fields this server refused
         self._openai = openai.OpenAI(
             base_url=self.base_url, api_key=api_key, max_retries=0, timeout=timeout_s
         )
@@ -264,9 +264,10 @@ class LLMClient:
         400/422 naming response_format or the schema) is asked again in plain text with the
         schema appended as an
         instruction, and remembered, so later calls go straight to plain text
-        (``ChatResult.structured`` says which way the answer came). Likewise a
-        ``temperature`` or ``seed`` the server refuses (reasoning models) is dropped and
-        not sent again.
+        (``ChatResult.structured`` says which way the answer came). Likewise an optional
+        field the server refuses (``temperature``, ``seed``, ``logprobs`` for reasoning
+        models) is left out, and ``max_tokens`` becomes ``max_completion_tokens``, from
+        then on.
         """
         kwargs: dict[str, Any] = {}
         if temperature is not None:
@@ -306,8 +307,8 @@ class LLMClient:
     def _call(
         self, messages: list[dict[str, str]], kwargs: dict[str, Any], timeout: float
     ) -> ChatResult:
-        """A call with retries; sampling hints the server refuses are dropped (remembered)."""
-        kwargs = {k: v for k, v in kwargs.items() if k not in self._unsupported}
+        """A call with retries; optional fields the server refuses are adapted (remembered)."""
+        kwargs = self._adapt(kwargs)
         while True:
             try:
                 return self._call_retrying(messages, kwargs, timeout)
@@ -316,13 +317,26 @@ class LLMClient:
                 if param is None:
                     raise
                 log.warning(
-                    "%s does not accept %r (%s); sending calls without it from now on",
+                    "%s does not accept %r (%s); %s from now on",
                     self.describe(),
                     param,
                     e,
+                    f"sending {RENAMES[param]!r} instead" if param in RENAMES else "leaving it out",
                 )
                 self._unsupported.add(param)
-                kwargs.pop(param)
+                kwargs = self._adapt(kwargs)
+
+    def _adapt(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Leave out (or rename) the fields this server refused before."""
+        out: dict[str, Any] = {}
+        for k, v in kwargs.items():
+            if k not in self._unsupported:
+                out[k] = v
+            elif k in RENAMES:
+                out[RENAMES[k]] = v
+        if "logprobs" in self._unsupported:
+            out.pop("top_logprobs", None)  # meaningless without logprobs
+        return out
 
     def _call_retrying(
         self, messages: list[dict[str, str]], kwargs: dict[str, Any], timeout: float
@@ -380,15 +394,18 @@ class LLMClient:
         return LLMError(f"{self.describe()}: {err}")
 
 
-#: Optional sampling hints a call can do without (reasoning models refuse some of them).
-DROPPABLE = ("temperature", "seed")
+#: Optional fields a call can do without (reasoning models such as o3 refuse some): without
+#: logprobs the answer's ``logprobs`` is None and callers fall back to the text.
+DROPPABLE = ("temperature", "seed", "logprobs", "top_logprobs")
+#: Fields some models want under another name.
+RENAMES = {"max_tokens": "max_completion_tokens"}
 
 
 def _refused_hint(e: LLMRequestError, kwargs: Mapping[str, Any]) -> str | None:
-    """The droppable field a 400 refused (named in ``param`` or in the message), if any."""
+    """The optional field a 400 refused (named in ``param`` or quoted in the message), if any."""
     if e.status_code not in (400, 422):
         return None
-    for name in DROPPABLE:
+    for name in (*DROPPABLE, *RENAMES):
         if name in kwargs and (e.param == name or f"'{name}'" in str(e)):
             return name
     return None

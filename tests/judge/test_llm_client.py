@@ -108,6 +108,29 @@ def test_refused_sampling_hint_is_dropped_and_remembered(openai_server: FakeOpen
     assert len(openai_server.requests) == 3 and "temperature" not in openai_server.requests[2]
 
 
+def test_reasoning_model_refusals_are_adapted(openai_server: FakeOpenAIServer) -> None:
+    def respond(body: dict[str, object]) -> Reply | str:
+        for field in ("max_tokens", "logprobs"):
+            if field in body:
+                return Reply(
+                    status=400,
+                    error_message=f"Unsupported parameter: '{field}' is not supported with this model.",
+                    error_param=field,
+                )
+        return "42"
+
+    openai_server.default = respond
+    c = client(openai_server)
+    r = c.chat(MSG, max_tokens=5, logprobs=True, top_logprobs=20)
+    assert r.content == "42" and r.logprobs is None
+    last = openai_server.requests[-1]
+    assert last["max_completion_tokens"] == 5
+    assert not {"max_tokens", "logprobs", "top_logprobs"} & set(last)
+    n = len(openai_server.requests)
+    c.chat(MSG, max_tokens=5, logprobs=True, top_logprobs=20)
+    assert len(openai_server.requests) == n + 1  # remembered: no refusals the second time
+
+
 def test_other_bad_request_is_not_blamed_on_hints(openai_server: FakeOpenAIServer) -> None:
     openai_server.default = lambda body: Reply(status=400, error_message="messages too long")
     with pytest.raises(LLMRequestError, match="messages too long"):
