@@ -92,7 +92,7 @@ def test_report_end_to_end(tmp_path: Path) -> None:
     assert ix.divergent_prompt_ids == ["p1", "p3"]
     # base graphs of p1 and p4 have no evil logit node: reported, not silently zero
     assert {(i.prompt_id, i.variant) for i in ix.issues} == {("p1", "base"), ("p4", "base")}
-    assert all("none of the evil tokens" in i.reason for i in ix.issues)
+    assert all("no token is labelled evil" in i.reason for i in ix.issues)
     agg = data.aggregates["adapted"]
     assert agg.prompt_ids == ["p1", "p3"]
     scores = [f.mean_score for f in agg.features]
@@ -125,6 +125,6 @@ def test_prompt_rankings_reports_each_variant(tmp_path: Path) -> None:
     exp = experiment()
     put_prompt(store, "p1", 1, [SAFE, OTHER, BASE_ONLY])
     done, failed = prompt_rankings(store, exp, "p1", fingerprint=FP)
-    assert set(done) == {"adapted"} and "none of the evil tokens" in failed["base"]
+    assert set(done) == {"adapted"} and "labelled evil" in failed["base"]
     done, failed = prompt_rankings(store, exp, "nope", fingerprint=FP)
     assert not done and set(failed) == {"base", "adapted"}
