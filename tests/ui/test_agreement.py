@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 
 from common.experiment import Experiment
-from common.records import HumanLabel, TokenLabel
+from common.records import HumanLabel, Label, TokenLabel
 from common.store import FsStore
 from common.store import keys as K
 from services.review_ui.agreement import agreement_report, cohen_kappa, confusion_matrix
 from tests.ui.data import DIVERGENT, TEXT_DIVERGENT, seed_prompt, token_id
+
+
+def _n(judge: Label, human: Label, times: int) -> list[tuple[Label, Label]]:
+    return [(judge, human)] * times
 
 
 def test_kappa_matches_a_hand_computed_example() -> None:
@@ -17,8 +21,8 @@ def test_kappa_matches_a_hand_computed_example() -> None:
     #   [[20, 5, 0], [10, 15, 0], [0, 0, 0]]
     # p_o = 35/50 = 0.70; judge marginals .5/.5/0, human .6/.4/0
     # p_e = .5*.6 + .5*.4 = 0.50; kappa = (0.70 - 0.50) / (1 - 0.50) = 0.40
-    pairs = [("evil", "evil")] * 20 + [("evil", "safe")] * 5 + [("safe", "evil")] * 10
-    pairs += [("safe", "safe")] * 15
+    pairs = _n("evil", "evil", 20) + _n("evil", "safe", 5) + _n("safe", "evil", 10)
+    pairs += _n("safe", "safe", 15)
     matrix = confusion_matrix(pairs)
     assert matrix == [[20, 5, 0], [10, 15, 0], [0, 0, 0]]
     assert cohen_kappa(matrix) == pytest.approx(0.40)

@@ -3,9 +3,11 @@
 // Each token starts with a *suggestion* (the judge's verdict, or the last human label) that
 // is shown but not yet a label. A label key (e/s/u) labels the token under the cursor and
 // moves to the next unlabeled one; Enter confirms the suggestion the same way. Labeling a
-// token also labels the same token in the other variants (same prompt, same next token),
-// unless those were labeled already. When every token is labeled, Enter submits and opens
-// the next prompt. The server refuses an incomplete submission too.
+// token also labels the same token in the other variants (see labelAt). When every token
+// is labeled, Enter submits and opens the next prompt. The server refuses an incomplete
+// submission too.
+// Ten tokens the judge got right take ten Enters plus one to submit; `a` accepts every
+// remaining suggestion at once (explicitly).
 (function () {
   "use strict";
   const data = JSON.parse(document.getElementById("page-data").textContent);
@@ -44,6 +46,7 @@
       const el = rowEls[i];
       el.classList.toggle("cursor", i === cursor);
       el.classList.toggle("done", r.label !== null);
+      el.classList.toggle("differs", r.label !== null && r.judge !== null && r.label !== r.judge);
       const shown = r.label || r.suggestion;
       const chip = mineEls[i];
       chip.textContent = shown || "?";
@@ -67,9 +70,18 @@
     return { cursor: cursor, bad: badEl.checked, rows: indices.map((i) => [i, rows[i].label]) };
   }
 
+  // The same next token means the same thing whichever variant proposes it, so a label also
+  // fills that token's unlabeled rows in the other variants, but only where their suggestion
+  // agrees (or there is none): a conflicting suggestion is left for the reviewer to see.
   function labelAt(i, label) {
     const targets = rows
-      .filter((r) => r.i === i || (r.token_id === rows[i].token_id && r.label === null))
+      .filter(
+        (r) =>
+          r.i === i ||
+          (r.token_id === rows[i].token_id &&
+            r.label === null &&
+            (r.suggestion === null || r.suggestion === label)),
+      )
       .map((r) => r.i);
     undo.push(snapshot(targets));
     targets.forEach((t) => (rows[t].label = label));
