@@ -211,9 +211,10 @@ def embedded_processes(
     broker_url: str,
     queues: Sequence[str] = QUEUES,
     ui: bool = True,
-    beat: bool = True,
+    beat: bool = False,
 ) -> list[ProcessSpec]:
-    """What ``emc up`` runs besides the embedded Redis: workers, beat, the review UI."""
+    """What ``emc up`` runs besides the embedded Redis: workers, the review UI, and beat
+    (``emc up --stream``: periodic tasks such as the generator's ``emc.generate.tick``)."""
     unknown = sorted(set(queues) - set(QUEUES))
     if unknown:
         raise ValueError(f"unknown queue(s) {unknown}: choose among {', '.join(QUEUES)}")

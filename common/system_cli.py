@@ -284,9 +284,13 @@ def up(
         ",".join(QUEUES), "--queues", help="comma-separated queues to run a worker for"
     ),
     no_ui: bool = typer.Option(False, "--no-ui", help="do not start the review UI"),
-    no_beat: bool = typer.Option(False, "--no-beat", help="do not start celery beat"),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="also run celery beat: the generator's schedule keeps new prompts coming",
+    ),
 ) -> None:
-    """Run the embedded system in the foreground: Redis, a worker per queue, beat, review UI.
+    """Run the embedded system in the foreground: Redis, a worker per queue, the review UI.
 
     Ctrl-C (or SIGTERM) stops everything. Logs go to <home>/logs.
     """
@@ -334,7 +338,7 @@ def up(
             raise typer.Exit(1) from None
     try:
         specs += embedded_processes(
-            settings, broker_url=url, queues=wanted, ui=not no_ui, beat=not no_beat
+            settings, broker_url=url, queues=wanted, ui=not no_ui, beat=stream
         )
     except ValueError as e:
         console.print(f"[red]{e}[/]")

@@ -85,7 +85,10 @@ def test_sigterm_to_the_supervisor_stops_children(tmp_path: Path) -> None:
 
 def test_embedded_processes_lists_workers_beat_ui(tmp_path: Path) -> None:
     specs = embedded_processes(
-        Settings(home=tmp_path), broker_url="redis://127.0.0.1:1/0", queues=["gpu", "judge"]
+        Settings(home=tmp_path),
+        broker_url="redis://127.0.0.1:1/0",
+        queues=["gpu", "judge"],
+        beat=True,
     )
     names = [s.name for s in specs]
     assert names[:3] == ["worker-gpu", "worker-judge", "beat"]
@@ -94,6 +97,6 @@ def test_embedded_processes_lists_workers_beat_ui(tmp_path: Path) -> None:
     assert all(s.env["EMC_BROKER_URL"] == "redis://127.0.0.1:1/0" for s in specs)
     assert all(s.log_path and s.log_path.parent == tmp_path / "logs" for s in specs)
     no_extras = embedded_processes(
-        Settings(home=tmp_path), broker_url="redis://x:1/0", queues=["gpu"], ui=False, beat=False
+        Settings(home=tmp_path), broker_url="redis://x:1/0", queues=["gpu"], ui=False
     )
     assert [s.name for s in no_extras] == ["worker-gpu"]

@@ -44,11 +44,18 @@ def _leftovers(procs: dict[int, psutil.Process]) -> list[str]:
 def test_emc_up_serves_queues_restarts_dead_worker_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     home = tmp_path / "home"
-    env = clean_env({"EMC_HOME": str(home), "EMC_BROKER_PORT": str(port), "EMC_MAX_RESTARTS": "2"})
+    env = clean_env(
+        {
+            "EMC_HOME": str(home),
+            "EMC_BROKER_PORT": str(port),
+            "EMC_MAX_RESTARTS": "2",
+            "EMC_GENERATE_EVERY_S": "3600",  # beat runs; no generation during the test
+        }
+    )
     out_path = tmp_path / "up.out"
     with out_path.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "up", "--no-ui"],
+            [sys.executable, "-m", "common.cli", "up", "--no-ui", "--stream"],
             env=env,
             cwd=REPO,
             stdout=out,
