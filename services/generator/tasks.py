@@ -30,4 +30,5 @@ def _schedule(sender: Any, **kwargs: Any) -> None:
     from common.settings import get_settings
 
     every = get_settings().generate_every_s
-    sender.add_periodic_task(every, tick.s(), name="emc.generate.tick")
+    # ticks expire so they do not pile up while no generate worker runs
+    sender.add_periodic_task(every, tick.s(), name="emc.generate.tick", options={"expires": every})
