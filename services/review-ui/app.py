@@ -164,6 +164,15 @@ def _install_helpers(app: Flask, context: ReviewContext) -> None:
     def _csrf(e: CSRFError) -> Any:
         return _error(400, f"{e.description} Reload the page and try again.")
 
+    @app.errorhandler(redis_lib.RedisError)
+    def _redis_down(e: redis_lib.RedisError) -> Any:
+        log.error("redis: %s", e)
+        return _error(
+            503,
+            f"The review queue (Redis) is not reachable: {e}. Start the system with `emc up` "
+            "or check EMC_BROKER_URL; saved labels are safe in the object store.",
+        )
+
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException) -> Any:
         if e.code is not None and e.code < 400:  # routing redirects (e.g. a missing slash)

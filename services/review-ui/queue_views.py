@@ -62,8 +62,8 @@ def index() -> Any:
 
 @bp.route("/api/queue")
 def api_queue() -> Any:
-    limit = request.args.get("limit", default=QUEUE_PAGE, type=int) or QUEUE_PAGE
-    return jsonify(queue_snapshot(ctx(), max(1, min(limit, 1000))))
+    limit = request.args.get("limit", default=QUEUE_PAGE, type=int)
+    return jsonify(queue_snapshot(ctx(), max(1, min(limit or QUEUE_PAGE, 1000))))
 
 
 @health.route("/healthz")

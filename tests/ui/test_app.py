@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from typing import Any
@@ -558,4 +557,26 @@ def test_error_pages_are_json_under_api(client: Any, auth: Auth) -> None:
     auth.login()
     resp = client.get("/api/nothing-here")
     assert resp.status_code == 404 and "error" in resp.get_json()
-    assert json.loads(client.get("/api/queue?limit=0").get_data())["items"] == []
+    assert client.get("/p/0123456789ab/nothing").status_code == 404
+
+
+def test_queue_feed_limit(client: Any, auth: Auth, seeded: dict[str, Seeded]) -> None:
+    auth.login()
+    one = client.get("/api/queue?limit=1").get_json()
+    assert [it["pid"] for it in one["items"]] == [seeded["divergent"].pid] and one["waiting"] == 3
+
+
+def test_redis_down_is_a_clear_503(
+    settings: Settings, store: FsStore, experiment: Experiment, users: list[str]
+) -> None:
+    from services.review_ui import create_app
+    from tests.fixtures.servers import free_port
+
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    app = create_app(settings, store=store, redis=dead, experiment=experiment, celery=None)
+    client = app.test_client()
+    Auth(client).login()
+    resp = client.get("/")
+    assert resp.status_code == 503 and "emc up" in resp.get_data(as_text=True)
+    assert client.get("/healthz").status_code == 503
+    assert client.get("/api/queue").get_json()["error"].startswith("The review queue (Redis)")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from werkzeug.serving import make_server
 
 from common.experiment import Experiment
@@ -17,8 +18,10 @@ from common.labels import current_label
 from common.records import Status
 from common.review_queue import ReviewQueue
 from common.store import FsStore
+from common.store import keys as K
+from services.review_ui.tasks import SAMPLE_CONTINUATIONS
 from tests.conftest import REPO, require
-from tests.ui.conftest import PASSWORD
+from tests.ui.conftest import PASSWORD, queued_tasks
 from tests.ui.data import MILD, Seeded, seed_prompt, token_id
 
 pytestmark = pytest.mark.browser
@@ -90,6 +93,7 @@ def test_label_prompts_with_the_keyboard(
     queue: ReviewQueue,
     store: FsStore,
     experiment: Experiment,
+    redis_client: redis.Redis,
 ) -> None:
     (page, errors), base = browser_page, live_server
     divergent, mild = seeded["divergent"], seeded["mild"]
@@ -171,9 +175,32 @@ def test_label_prompts_with_the_keyboard(
     assert mild_label.label_of("adapted", token_id(" skip")) == "unsure"
     assert mild_label.label_of("adapted", token_id(" ignore")) == "evil"
 
+    # -- continuations after a token: sent to the GPU queue, shown when the worker wrote them
+    low = seeded["low"]
+    page.wait_for_url(re.compile(f"/p/{low.pid}"))
+    page.keyboard.press("c")  # cursor on base " rest"
+    page.wait_for_selector("#samples-state:has-text('waiting')", timeout=10_000)
+    assert queued_tasks(redis_client, "gpu") == [
+        (
+            SAMPLE_CONTINUATIONS,
+            {"exp": experiment.name, "prompt_id": low.pid, "variant": "base",
+             "token_id": token_id(" rest"), "n": 3},
+        )
+    ]  # fmt: skip
+    store.put_json(
+        K.samples(experiment.name, low.pid, experiment.fingerprint, "base", token_id(" rest")),
+        {"schema_version": 1, "continuations": [" and drink water.", " for a day."]},
+    )
+    page.wait_for_selector("#samples-list li", timeout=10_000)
+    assert page.locator("#samples-list li").all_inner_texts() == [
+        " and drink water.",
+        " for a day.",
+    ]
+
     # -- back to the queue: both labeled prompts are gone
     page.keyboard.press("q")
     page.wait_for_url(base + "/")
     pids = page.locator("#queue tbody tr").evaluate_all("rs => rs.map(r => r.dataset.pid)")
     assert pids == [seeded["low"].pid, late.pid]
+    page.screenshot(path=str(ARTIFACTS / "queue_page.png"))
     assert errors == []

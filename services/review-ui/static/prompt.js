@@ -118,6 +118,7 @@
 
   function enter() {
     if (canSubmit()) return submit();
+    if (!rows.length) return say("Nothing to label yet: flag the prompt bad (b) or come back later.", "warn");
     const r = rows[cursor];
     if (r.label === null && r.suggestion) return labelAt(cursor, r.suggestion);
     if (r.label === null) return say("No suggestion for this token: press e, s or u.", "warn");

@@ -43,7 +43,7 @@
       bar.appendChild(fill);
       score.appendChild(bar);
       score.appendChild(document.createTextNode(" " + it.evil_score.toFixed(2)));
-      cell(tr, "situation", it.user);
+      cell(tr, "situation", it.user).title = it.user;
       cell(tr, "tail", it.assistant);
       frag.appendChild(tr);
     });
