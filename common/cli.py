@@ -21,6 +21,7 @@ app = typer.Typer(
 _SUBAPPS: list[tuple[str, str]] = [
     ("common.system_cli", "register"),
     ("common.pipeline_cli", "register"),
+    ("common.demo", "register"),
     ("common.organism.cli", "register"),
     ("services.attribution.cli", "register"),
     ("services.generator.cli", "register"),

@@ -10,12 +10,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import typer
 
 from common.settings import Settings, get_settings
-from common.supervisor import QUEUES
+from common.supervisor import QUEUES, ProcessSpec, Supervisor
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -279,54 +279,34 @@ def doctor() -> None:
         raise typer.Exit(1)
 
 
-def up(
-    queues: str = typer.Option(
-        ",".join(QUEUES), "--queues", help="comma-separated queues to run a worker for"
-    ),
-    no_ui: bool = typer.Option(False, "--no-ui", help="do not start the review UI"),
-    stream: bool = typer.Option(
-        False,
-        "--stream",
-        help="also run celery beat: the generator's schedule keeps new prompts coming",
-    ),
-) -> None:
-    """Run the embedded system in the foreground: Redis, a worker per queue, the review UI.
+class StartError(RuntimeError):
+    """The embedded system cannot start; the message says what to do."""
 
-    Ctrl-C (or SIGTERM) stops everything. Logs go to <home>/logs.
-    """
-    from rich.console import Console
-    from rich.table import Table
 
-    from common.broker import (
-        BrokerError,
-        embedded_broker_url,
-        ping,
-        port_in_use,
-        redact_url,
-        redis_spec,
-    )
-    from common.supervisor import Supervisor, SupervisorError, embedded_processes
+def system_specs(
+    settings: Settings, *, queues: list[str], ui: bool, beat: bool
+) -> tuple[str, list[ProcessSpec]]:
+    """Broker URL and the processes of the embedded system (Redis unless EMC_BROKER_URL is set)."""
+    from common.broker import BrokerError, embedded_broker_url, ping, port_in_use, redis_spec
+    from common.supervisor import embedded_processes
 
-    console = Console()
-    settings = get_settings()
     home = Path(settings.home).resolve()
-    wanted = [q.strip() for q in queues.split(",") if q.strip()]
-    specs = []
+    specs: list[ProcessSpec] = []
     if settings.broker_url:
         url = settings.broker_url
         try:
             ping(url)
         except BrokerError as e:
-            console.print(f"[red]{e}[/]: start it, or unset EMC_BROKER_URL for the embedded one")
-            raise typer.Exit(1) from None
+            raise StartError(
+                f"{e}: start it, or unset EMC_BROKER_URL for the embedded one"
+            ) from None
     else:
         url = embedded_broker_url(settings)
         if port_in_use(settings.broker_port):
-            console.print(
-                f"[red]port {settings.broker_port} is in use (another `emc up`?)[/]: stop it, "
+            raise StartError(
+                f"port {settings.broker_port} is in use (another `emc up`?): stop it, "
                 "or set EMC_BROKER_PORT to a free port"
             )
-            raise typer.Exit(1)
         try:
             specs.append(
                 redis_spec(
@@ -334,30 +314,67 @@ def up(
                 )
             )
         except BrokerError as e:
-            console.print(f"[red]{e}[/]")
-            raise typer.Exit(1) from None
+            raise StartError(str(e)) from None
     try:
-        specs += embedded_processes(
-            settings, broker_url=url, queues=wanted, ui=not no_ui, beat=stream
-        )
+        specs += embedded_processes(settings, broker_url=url, queues=queues, ui=ui, beat=beat)
     except ValueError as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
+        raise StartError(str(e)) from None
+    return url, specs
 
-    def started(sup: Supervisor) -> None:
-        table = Table(title=f"emc up (broker {redact_url(url)}, home {home})")
-        for col in ("process", "pid", "log"):
-            table.add_column(col)
-        for child in sup.children:
-            table.add_row(child.spec.name, str(child.proc.pid), str(child.spec.log_path or ""))
-        console.print(table)
-        console.print("running; Ctrl-C stops everything")
 
-    sup = Supervisor(
+def make_supervisor(specs: list[ProcessSpec], settings: Settings, console: Any) -> Supervisor:
+    return Supervisor(
         specs,
         max_restarts=settings.max_restarts,
         report=lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True),
     )
+
+
+def print_processes(console: Any, sup: Supervisor, url: str, home: Path) -> None:
+    from rich.table import Table
+
+    from common.broker import redact_url
+
+    table = Table(title=f"emc up (broker {redact_url(url)}, home {home})")
+    for col in ("process", "pid", "log"):
+        table.add_column(col)
+    for child in sup.children:
+        table.add_row(child.spec.name, str(child.proc.pid), str(child.spec.log_path or ""))
+    console.print(table)
+
+
+def up(
+    queues: str = typer.Option(
+        ",".join(QUEUES), "--queues", help="comma-separated queues to run a worker for"
+    ),
+    no_ui: bool = typer.Option(False, "--no-ui", help="do not start the review UI"),
+    stream: bool = typer.Option(
+        False, "--stream", help="run celery beat: keep generating prompts (with backpressure)"
+    ),
+) -> None:
+    """Run the embedded system in the foreground: Redis, a worker per queue, the review UI.
+
+    Ctrl-C (or SIGTERM) stops everything. Logs go to <home>/logs.
+    """
+    from rich.console import Console
+
+    from common.supervisor import SupervisorError
+
+    console = Console()
+    settings = get_settings()
+    home = Path(settings.home).resolve()
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    try:
+        url, specs = system_specs(settings, queues=wanted, ui=not no_ui, beat=stream)
+    except StartError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from None
+
+    def started(sup: Supervisor) -> None:
+        print_processes(console, sup, url, home)
+        console.print("running; Ctrl-C stops everything")
+
+    sup = make_supervisor(specs, settings, console)
     try:
         code = sup.run(on_started=started)
     except SupervisorError as e:
