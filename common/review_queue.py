@@ -8,23 +8,21 @@ Two structures per experiment ``exp``:
 * ``emc:{exp}:status`` — a hash ``pid -> status`` (a :class:`common.records.Status` value),
   with ``emc:{exp}:status_reason`` holding an optional reason (e.g. why a step failed).
 
-Everything here can be rebuilt from the object store (:func:`rebuild_from_store`, given the
-pipeline's rule for a prompt's state), which stays the system of record; Redis only makes
-"what is next" and "how many" fast.
+Everything here can be rebuilt from the object store, which stays the system of record
+(``common.pipeline.reindex`` derives each prompt's state and calls :func:`rebuild`); Redis
+only makes "what is next" and "how many" fast.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from common.records import Status
-from common.store import ObjectStore
-from common.store import keys as K
 
 # Divergent prompts get this bonus; evil scores live in [0, 1], so they always sort first.
 DIVERGENT_BONUS = 2.0
@@ -190,23 +188,3 @@ def rebuild(queue: ReviewQueue, states: Iterable[tuple[str, PromptState]]) -> in
             queued.append(QueueEntry(pid, state.divergent, state.evil_score))
     queue.replace_all(statuses, queued)
     return len(statuses)
-
-
-def stored_prompt_ids(store: ObjectStore, exp: str) -> list[str]:
-    """Ids of every prompt of an experiment that has a prompt record in the store, sorted."""
-    prefix = K.prompts_prefix(exp)
-    return sorted(
-        key[len(prefix) :].split("/", 1)[0]
-        for key in store.list_keys(prefix)
-        if key[len(prefix) :].count("/") == 1 and key.endswith("/prompt.json")
-    )
-
-
-def rebuild_from_store(
-    queue: ReviewQueue, store: ObjectStore, classify: Callable[[str], PromptState | None]
-) -> int:
-    """``emc reindex`` for the review queue: classify every stored prompt of the queue's
-    experiment (``classify(pid)`` reads its artifacts; None leaves it out of the index) and
-    replace queue and status index with the result. Returns the number indexed."""
-    states = ((pid, classify(pid)) for pid in stored_prompt_ids(store, queue.exp))
-    return rebuild(queue, ((pid, s) for pid, s in states if s is not None))

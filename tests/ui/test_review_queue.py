@@ -5,20 +5,13 @@ from __future__ import annotations
 import pytest
 import redis
 
-from common.experiment import Experiment
-from common.labels import current_label
-from common.records import HumanLabel, Status
+from common.records import Status
 from common.review_queue import (
     PromptState,
     QueueEntry,
     ReviewQueue,
     rebuild,
-    rebuild_from_store,
-    stored_prompt_ids,
 )
-from common.store import FsStore
-from common.store import keys as K
-from tests.ui.data import DIVERGENT, MILD, TEXT_DIVERGENT, TEXT_MILD, seed_prompt
 
 
 def test_divergent_first_then_by_evil_score(queue: ReviewQueue) -> None:
@@ -92,24 +85,3 @@ def test_rebuild_replaces_everything(queue: ReviewQueue) -> None:
     assert n == 3
     assert [e.pid for e in queue.list()] == ["p1", "p3"]
     assert queue.status("stale") is None and queue.status("p2") == Status.labeled
-
-
-def test_rebuild_from_store(queue: ReviewQueue, store: FsStore, experiment: Experiment) -> None:
-    """A real classification rule: labeled prompts are labeled, the rest wait for review."""
-    a = seed_prompt(store, experiment, TEXT_DIVERGENT, DIVERGENT)
-    b = seed_prompt(store, experiment, TEXT_MILD, MILD)
-    store.append(
-        K.labels_history(experiment.name, b.pid),
-        HumanLabel(prompt_id=b.pid, reviewer="alice", labels=[], bad_prompt=True),
-    )
-    queue.push("gone", divergent=True, evil_score=0.5)  # not in the store: dropped
-
-    def classify(pid: str) -> PromptState:
-        if current_label(store, experiment.name, pid) is not None:
-            return PromptState(Status.labeled)
-        return PromptState(Status.in_review, divergent=True, evil_score=0.42)
-
-    assert stored_prompt_ids(store, experiment.name) == sorted([a.pid, b.pid])
-    assert rebuild_from_store(queue, store, classify) == 2
-    assert queue.list() == [QueueEntry(a.pid, True, 0.42)]
-    assert queue.status(b.pid) == Status.labeled and queue.status("gone") is None
