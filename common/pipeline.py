@@ -351,11 +351,30 @@ def send_all(nexts: Iterable[Next]) -> None:
         app.send_task(nxt.task, kwargs=nxt.kwargs)
 
 
-def task_step(exp: str, pid: str | None, step: Callable[[Context], list[Next]]) -> int:
+def is_transient(err: BaseException) -> bool:
+    """Faults worth retrying later: the LLM service unavailable, the broker or store unreachable."""
+    from common.celery_app import TransientError
+    from common.llm import LLMUnavailable
+
+    if isinstance(err, TransientError | LLMUnavailable | ConnectionError | TimeoutError):
+        return True
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return False
+    return isinstance(err, RedisConnectionError | RedisTimeoutError)
+
+
+def task_step(
+    task: Any, exp: str, pid: str | None, step_name: str, step: Callable[[Context], list[Next]]
+) -> int:
     """Body of every pipeline task: check the experiment, run the step, enqueue what follows.
 
-    A :class:`PromptFailure` is stored with the prompt (not retried: the same input fails
-    the same way); other exceptions propagate to Celery (transient ones are retried).
+    A :class:`PromptFailure` is stored with the prompt and not retried (the same input fails
+    the same way). Transient faults are retried with backoff by Celery; when the retries
+    are spent, or on any other error, the failure is stored too, so every prompt ends in a
+    final state with a reason instead of hanging.
     """
     from common.context import get_context
 
@@ -367,6 +386,16 @@ def task_step(exp: str, pid: str | None, step: Callable[[Context], list[Next]]) 
         if pid is None:
             raise
         record_failure(ctx, e, pid)
+        return 0
+    except Exception as e:
+        retries = int(getattr(task.request, "retries", 0) or 0)
+        if is_transient(e) and retries < task.max_retries:
+            raise task.retry(exc=e, countdown=min(2 ** (retries + 1), 300)) from e
+        if pid is None:
+            raise
+        log.exception("prompt %s: %s failed", pid, step_name)
+        what = "gave up after retries" if is_transient(e) else "unexpected error"
+        record_failure(ctx, PromptFailure(step_name, f"{what}: {type(e).__name__}: {e}"), pid)
         return 0
     send_all(nexts)
     return len(nexts)

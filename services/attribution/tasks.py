@@ -6,7 +6,7 @@ once per process (:func:`services.attribution.runtime.get_runtime` caches it).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.celery_app import app
 from common.pipeline import step_graph, step_logits, task_step
@@ -22,16 +22,24 @@ def _runtime(ctx: Context) -> Runtime:
     return get_runtime(ctx.exp, ctx.fingerprint, cache_dir=ctx.settings.cache_dir)
 
 
-@app.task(name="emc.gpu.logits")
-def logits(exp: str, prompt_id: str) -> int:
+@app.task(name="emc.gpu.logits", bind=True)
+def logits(self: Any, exp: str, prompt_id: str) -> int:
     """Top-k logits of every variant, then the judge."""
-    return task_step(exp, prompt_id, lambda ctx: step_logits(ctx, _runtime(ctx), prompt_id))
+    return task_step(
+        self, exp, prompt_id, "logits", lambda ctx: step_logits(ctx, _runtime(ctx), prompt_id)
+    )
 
 
-@app.task(name="emc.gpu.graph")
-def graph(exp: str, prompt_id: str, variant: str) -> int:
+@app.task(name="emc.gpu.graph", bind=True)
+def graph(self: Any, exp: str, prompt_id: str, variant: str) -> int:
     """Attribution graph of one variant; analysis once every variant has one."""
-    return task_step(exp, prompt_id, lambda ctx: step_graph(ctx, _runtime(ctx), prompt_id, variant))
+    return task_step(
+        self,
+        exp,
+        prompt_id,
+        f"graph-{variant}",
+        lambda ctx: step_graph(ctx, _runtime(ctx), prompt_id, variant),
+    )
 
 
 @app.task(name="emc.gpu.sample_continuations")

@@ -8,20 +8,20 @@ from common.celery_app import app
 from common.pipeline import step_generate, task_step
 
 
-@app.task(name="emc.generate.batch")
-def generate_batch(exp: str, n: int, batch: str | None = None) -> int:
+@app.task(name="emc.generate.batch", bind=True)
+def generate_batch(self: Any, exp: str, n: int, batch: str | None = None) -> int:
     """Generate up to ``n`` prompts and enqueue their logits; ``batch`` tracks a `emc mine` run."""
-    return task_step(exp, None, lambda ctx: step_generate(ctx, n, batch))
+    return task_step(self, exp, None, "generate", lambda ctx: step_generate(ctx, n, batch))
 
 
-@app.task(name="emc.generate.tick")
-def tick() -> int:
+@app.task(name="emc.generate.tick", bind=True)
+def tick(self: Any) -> int:
     """Beat: keep streaming prompts unless the review queue is above its high-water mark."""
     from common.context import get_context
 
     ctx = get_context()
     n = ctx.exp.generator.batch_size
-    return task_step(ctx.exp.name, None, lambda c: step_generate(c, n))
+    return task_step(self, ctx.exp.name, None, "generate", lambda c: step_generate(c, n))
 
 
 @app.on_after_finalize.connect

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.celery_app import app
 from common.pipeline import step_judge, task_step
@@ -23,7 +23,9 @@ def _judge() -> Judge:
     return make_judge(ctx.exp, ctx.settings, StoreExamples(ctx.store, ctx.exp))
 
 
-@app.task(name="emc.judge.verdicts")
-def verdicts(exp: str, prompt_id: str) -> int:
+@app.task(name="emc.judge.verdicts", bind=True)
+def verdicts(self: Any, exp: str, prompt_id: str) -> int:
     """Judge every top-k token of every variant; route the prompt (review, graphs, done)."""
-    return task_step(exp, prompt_id, lambda ctx: step_judge(ctx, _judge(), prompt_id))
+    return task_step(
+        self, exp, prompt_id, "judge", lambda ctx: step_judge(ctx, _judge(), prompt_id)
+    )
