@@ -569,10 +569,13 @@ def test_queue_feed_limit(client: Any, auth: Auth, seeded: dict[str, Seeded]) ->
 def test_redis_down_is_a_clear_503(
     settings: Settings, store: FsStore, experiment: Experiment, users: list[str]
 ) -> None:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     from services.review_ui import create_app
     from tests.fixtures.servers import free_port
 
-    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), retry=Retry(NoBackoff(), 0))
     app = create_app(settings, store=store, redis=dead, experiment=experiment, celery=None)
     client = app.test_client()
     Auth(client).login()

@@ -203,4 +203,8 @@ def test_label_prompts_with_the_keyboard(
     pids = page.locator("#queue tbody tr").evaluate_all("rs => rs.map(r => r.dataset.pid)")
     assert pids == [seeded["low"].pid, late.pid]
     page.screenshot(path=str(ARTIFACTS / "queue_page.png"))
+    page.keyboard.press("g")  # agreement: the reviewer overruled the judge on 3 tokens
+    page.wait_for_url(base + "/agreement")
+    assert page.locator(".disagreements tbody tr").count() == 3
+    page.screenshot(path=str(ARTIFACTS / "agreement_page.png"))
     assert errors == []

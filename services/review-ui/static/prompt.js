@@ -23,6 +23,7 @@
   const undo = [];
   let cursor = 0;
   let busy = false;
+  let savedNext = null;
 
   const undone = () => rows.filter((r) => r.label === null);
   const allDone = () => rows.length > 0 && undone().length === 0;
@@ -159,8 +160,13 @@
       });
       const out = await resp.json().catch(() => ({ error: "HTTP " + resp.status }));
       if (!resp.ok) throw new Error(out.error || "HTTP " + resp.status);
-      say("Saved ✓", "ok");
       document.body.classList.add("saved");
+      if (out.warnings && out.warnings.length) {
+        // saved in the store, but a follow-up step failed: say so before moving on
+        savedNext = out.next_url;
+        return say("Saved ✓ — " + out.warnings.join(" ") + " — Enter: next prompt.", "warn");
+      }
+      say("Saved ✓", "ok");
       window.location.assign(out.next_url);
     } catch (err) {
       busy = false;
@@ -228,6 +234,10 @@
     const typing = t === noteEl || (t.tagName === "INPUT" && t.type !== "checkbox");
     if (typing) {
       if (ev.key === "Escape") noteEl.blur();
+      return;
+    }
+    if (savedNext) {
+      if (ev.key === "Enter") window.location.assign(savedNext);
       return;
     }
     if (!rows.length && ev.key !== "b" && ev.key !== "Enter") return;
