@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
             "worker_class": "gthread",
             "threads": args.threads,
             "timeout": 60,
-            "accesslog": "-",
+            # build the app before forking: a first start may build the toy organism,
+            # which takes longer than a worker may stay silent
+            "preload_app": True,
+            # the queue page polls every few seconds: log requests only when debugging
+            "accesslog": "-" if settings.log_level.upper() == "DEBUG" else None,
             "loglevel": settings.log_level.lower(),
         }
     ).run()
