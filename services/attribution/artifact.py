@@ -4,36 +4,44 @@ Format ``emc-graph`` v1 (tensor names in the safetensors file; node order as in
 :mod:`common.graphs`: ``[features F][errors L*P][tokens P][logits K]``, S = F + L*P + P
 source nodes):
 
-``features``               int32   [F, 3]   (layer, position, feature id) of each feature node
-``activations``            float32 [F]      activation of each feature node
-``logit_rows``             float32 [K, S]   every edge into the logit nodes, exact
-``feature_rows.indptr``    int32   [F+1]    CSR row pointer of the edges into feature nodes
+``features``               int32    [F, 3]  (layer, position, feature id) of each feature node
+``activations``            float32  [F]     activation of each feature node
+``feature_rows.indptr``    int32    [F+1]   CSR row pointer of the kept edges into features
 ``feature_rows.indices``   int16/32 [E]     source column of each kept edge (int16 when S < 2^15)
-``feature_rows.values``    float16 [E]      edge weight / its row's scale
-``feature_rows.scale``     float32 [F]      per-row scale (max |edge| of the row)
+``feature_rows.values``    float16  [E]     edge weight / its row's scale
+``feature_rows.scale``     float32  [F]     per-row scale (max |edge| of the row)
+``logit_rows``             float32  [K, S]  edges into the logits (see 3.)
 
-Why this is a fraction of circuit-tracer's dense ``Graph.to_pt`` (4 N^2 bytes):
+Why it is a small fraction of circuit-tracer's dense ``Graph.to_pt`` (4 N^2 bytes), and why the
+analysis cannot tell the difference:
 
 1. *Structure (lossless).* Error and token nodes are sources only and logits are sinks, so
    only the F feature rows and K logit rows of the N x N matrix can be non-zero, and only in
-   the S source columns. Everything else is not stored.
-2. *Edges into features (lossy, bounded).* An edge ``s -> t`` changes the total signed
-   influence of ``s`` on logit ``k`` by ``A[t, s] * G[k, t] / a_t`` (see
-   :mod:`services.analysis.influence`: G is the total influence of feature t, a_t its
-   activation). Each edge is scored ``|A[t, s]| * sum_k |G[k, t]| / |a_t|``, i.e. by how much
-   influence on *any* logit (any signed evil/safe weighting) it can carry; the smallest
-   scores are dropped until the dropped score mass reaches ``1 - EDGE_MASS_KEPT`` of the total.
-   The kept values are stored as float16 relative to the row's max (relative error < 5e-4).
-3. *Edges into logits* are kept exactly (float32), so direct effects are unchanged.
+   the S source columns. Nothing else is stored.
+2. *Edges into features (pruned, float16).* With ``T`` the signed total influence of every
+   source on every logit and ``G = T[:, features]`` (:mod:`services.analysis.influence`), an
+   edge ``s -> t`` carries ``A[t, s] * G[k, t] / a_t`` of source s's influence on logit k. Each
+   edge is scored ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (what it can carry to *any* logit,
+   so to any evil/safe weighting); the highest-scoring edges holding ``EDGE_MASS_KEPT`` of the
+   total score are kept, in float16 relative to their row's max.
+3. *Edges into logits (float32, made exact for influence).* Stored as the direct edges plus
+   what the dropped and rounded feature edges carried:
+   ``logit_rows = A_L + G (A_F - A'_F) diag(1/a)`` = ``T - G A'_F diag(1/a)``, where ``A'_F``
+   is exactly what is read back. Then the total influence computed from the stored graph
+   equals the full graph's, for every source and every logit: feature rankings (any signed
+   evil/safe weighting) are unchanged. :func:`encode` recomputes the influence of the graph it
+   is about to store and refuses to store it if any value moved by more than
+   ``INFLUENCE_TOLERANCE`` (relative to the largest). The price: a logit row is no longer the
+   pure one-hop effect; ``manifest.limits["logit_rows_shift"]`` records the largest change
+   relative to the largest direct edge (small on the organism; large only when many-hop paths
+   dominate).
 
-Consequence: influences on logits computed from a loaded graph differ from the full graph's
-by at most about ``(1 - EDGE_MASS_KEPT)`` of the total influence mass; the top features of the
-signed evil-minus-safe ranking are unchanged (tested on the toy organism). The viewer export
-of a loaded graph prunes a graph that already lacks the weakest feature edges. Pruning
-parameters and the edge counts are recorded in ``manifest.limits`` (``edges_*`` keys).
+The viewer export of a loaded graph prunes a graph that already lacks the weakest feature
+edges. Pruning settings and edge counts are in ``manifest.limits`` (``edges_*``).
 
-The safetensors metadata carries the sha256 of the manifest JSON, so a tensors file and a
-manifest from different runs are never paired silently.
+The safetensors metadata carries the sha256 of the manifest JSON (without ``elapsed_s``), so
+a tensors file and a manifest of different numbers are never paired silently. Recomputing a
+graph gives identical tensors bytes (CPU, same fingerprint).
 """
 
 from __future__ import annotations
@@ -57,7 +65,9 @@ from common.store.base import dumps
 FORMAT = "emc-graph"
 FORMAT_VERSION = "1"
 #: fraction of the total edge-influence score mass of feature rows that is kept
-EDGE_MASS_KEPT = 0.999
+EDGE_MASS_KEPT = 0.99
+#: largest relative change of any logit influence a stored graph may have (checked on encode)
+INFLUENCE_TOLERANCE = 1e-5
 _META_KEY = "emc"
 
 
@@ -122,24 +132,32 @@ def from_circuit_tracer(
 # ------------------------------------------------------------------------ pruning
 
 
-def edge_scores(graph: AttributionGraph) -> torch.Tensor:
-    """``[F, S]``: how much influence on any logit each edge into a feature can carry."""
+def _influence(graph: AttributionGraph) -> torch.Tensor:
+    """``[K, S]`` float64: signed total influence of every source on every logit (analysis')."""
     from services.analysis.errors import AnalysisError
     from services.analysis.influence import logit_influence
 
-    f = graph.n_features
-    s = graph.token_slice.stop
     try:
-        infl = logit_influence(graph)
+        return logit_influence(graph).total
     except AnalysisError as e:
         m = graph.manifest
         raise PromptFailure(
             "attribution", f"graph cannot be stored: {e.reason}", variant=m.variant
         ) from e
-    g = infl.total[:, :f].abs().sum(dim=0)  # [F] total |influence| of each feature
-    act = graph.activations.to(torch.float64).abs()
-    weight = torch.where(act > 0, g / torch.where(act > 0, act, 1.0), 0.0)
-    return graph.adjacency[:f, :s].to(torch.float64).abs() * weight[:, None]
+
+
+def _inv_activations(graph: AttributionGraph) -> torch.Tensor:
+    """1/a per feature (0 for an inactive one), as the influence computation uses it."""
+    act = graph.activations.to(torch.float64)
+    return torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
+
+
+def edge_scores(graph: AttributionGraph, total: torch.Tensor) -> torch.Tensor:
+    """``[F, S]``: how much influence on any logit each edge into a feature carries,
+    ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (``total`` from :func:`_influence`)."""
+    f = graph.n_features
+    weight = total[:, :f].abs().sum(dim=0) * _inv_activations(graph).abs()
+    return graph.adjacency[:f, : graph.token_slice.stop].to(torch.float64).abs() * weight[:, None]
 
 
 def prune_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
@@ -160,12 +178,44 @@ def prune_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
 # ------------------------------------------------------------------------ encode / decode
 
 
+def _feature_rows(
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """Dense float32 ``[F, S]`` edges into features from the stored CSR (encode and decode
+    both use this, so the logit-row correction is computed on exactly what is read back)."""
+    dense = torch.zeros(shape, dtype=torch.float32)
+    ptr = indptr.to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(shape[0]), ptr[1:] - ptr[:-1])
+    dense[rows, indices.to(torch.int64)] = values.to(torch.float32) * scale[rows]
+    return dense
+
+
+def _assemble(
+    manifest: GraphManifest,
+    feature_rows: torch.Tensor,
+    logit_rows: torch.Tensor,
+    graph_parts: dict[str, torch.Tensor],
+) -> AttributionGraph:
+    f = manifest.n_features
+    s = f + (manifest.n_layers + 1) * manifest.n_pos
+    n = s + manifest.n_logits
+    adjacency = torch.zeros(n, n, dtype=torch.float32)
+    adjacency[:f, :s] = feature_rows
+    adjacency[s:, :s] = logit_rows
+    return AttributionGraph(manifest=manifest, adjacency=adjacency, **graph_parts)
+
+
 def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes, GraphManifest]:
     """safetensors bytes + the manifest that describes them (see module docstring)."""
     f = graph.n_features
     s = graph.token_slice.stop
     a = graph.adjacency
-    scores = edge_scores(graph)
+    total = _influence(graph)
+    scores = edge_scores(graph, total)
     mask = prune_mask(scores, keep)
     kept_mass = float(scores[mask].sum() / scores.sum()) if float(scores.sum()) > 0 else 1.0
     rows, cols = mask.nonzero(as_tuple=True)
@@ -173,20 +223,36 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
     scale = torch.zeros(f, dtype=torch.float32)
     if vals.numel():
         scale.scatter_reduce_(0, rows, vals.abs(), reduce="amax", include_self=True)
-    rel = vals / scale[rows].clamp_min(torch.finfo(torch.float32).tiny)
+    rel = (vals / scale[rows].clamp_min(torch.finfo(torch.float32).tiny)).to(torch.float16)
     indptr = torch.zeros(f + 1, dtype=torch.int32)
     indptr[1:] = torch.cumsum(torch.bincount(rows, minlength=f), 0).to(torch.int32)
+    kept = _feature_rows(indptr, cols, rel, scale, (f, s))
+    # Logit rows: direct edges + what the dropped (and rounded) feature edges carried, so
+    # that total influence computed from the stored graph equals the full graph's.
+    g = total[:, :f]
+    logit_rows = (total - g @ (kept.to(torch.float64) * _inv_activations(graph)[:, None])).to(
+        torch.float32
+    )
+    direct = a[graph.logit_slice, :s]
+    parts = {"features": graph.features, "activations": graph.activations}
+    check = _influence(_assemble(graph.manifest, kept, logit_rows, parts))
+    scale_t = float(total.abs().max()) or 1.0
+    error = float((check - total).abs().max()) / scale_t
+    if error > INFLUENCE_TOLERANCE:
+        raise RuntimeError(
+            f"stored graph would change logit influences by {error:.2e} (relative): not storing "
+            "it; this is a bug in the artifact encoding"
+        )
     index_dtype = torch.int16 if s < 2**15 else torch.int32
     tensors = {
         "features": graph.features.to(torch.int32).contiguous(),
         "activations": graph.activations.to(torch.float32).contiguous(),
-        "logit_rows": a[graph.logit_slice, :s].to(torch.float32).contiguous(),
+        "logit_rows": logit_rows.contiguous(),
         "feature_rows.indptr": indptr,
         "feature_rows.indices": cols.to(index_dtype).contiguous(),
-        "feature_rows.values": rel.to(torch.float16).contiguous(),
+        "feature_rows.values": rel.contiguous(),
         "feature_rows.scale": scale,
     }
-    nonzero = int((a[:f, :s] != 0).sum())
     manifest = graph.manifest.model_copy(
         update={
             "adjacency_dtype": "float16",
@@ -195,8 +261,11 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
                 **graph.manifest.limits,
                 "edges_mass_kept": kept_mass,
                 "edges_keep_target": keep,
-                "edges_feature_nonzero": nonzero,
+                "edges_feature_nonzero": int((a[:f, :s] != 0).sum()),
                 "edges_feature_kept": int(rows.numel()),
+                "logit_rows_shift": float((logit_rows - direct).abs().max())
+                / (float(direct.abs().max()) or 1.0),
+                "influence_error": error,
                 "n_nodes": graph.n_nodes,
             },
         }
@@ -217,7 +286,11 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
 
 
 def _manifest_sha(manifest: GraphManifest) -> str:
-    return hashlib.sha256(dumps(manifest.model_dump(mode="json"))).hexdigest()
+    """Digest of what the manifest says about the numbers (timing left out, so a re-run that
+    was interrupted between its two writes still pairs with the previous run's manifest)."""
+    return hashlib.sha256(
+        dumps(manifest.model_dump(mode="json", exclude={"elapsed_s"}))
+    ).hexdigest()
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -247,22 +320,20 @@ def decode(data: bytes, manifest: GraphManifest) -> AttributionGraph:
     for name, shape in manifest.tensors.items():
         if name not in t or list(t[name].shape) != shape:
             raise GraphFormatError(f"tensor {name} is missing or not of shape {shape}")
-    f, k = manifest.n_features, manifest.n_logits
+    f = manifest.n_features
     s = f + (manifest.n_layers + 1) * manifest.n_pos
-    n = s + k
-    adjacency = torch.zeros(n, n, dtype=torch.float32)
-    indptr = t["feature_rows.indptr"].to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(f), indptr[1:] - indptr[:-1])
-    cols = t["feature_rows.indices"].to(torch.int64)
-    scale = t["feature_rows.scale"]
-    adjacency[rows, cols] = t["feature_rows.values"].to(torch.float32) * scale[rows]
-    adjacency[s:, :s] = t["logit_rows"]
-    return AttributionGraph(
-        manifest=manifest,
-        adjacency=adjacency,
-        features=t["features"].to(torch.int64),
-        activations=t["activations"].to(torch.float32),
+    kept = _feature_rows(
+        t["feature_rows.indptr"],
+        t["feature_rows.indices"],
+        t["feature_rows.values"],
+        t["feature_rows.scale"],
+        (f, s),
     )
+    parts = {
+        "features": t["features"].to(torch.int64),
+        "activations": t["activations"].to(torch.float32),
+    }
+    return _assemble(manifest, kept, t["logit_rows"], parts)
 
 
 # ------------------------------------------------------------------------ store

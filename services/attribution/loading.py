@@ -249,11 +249,14 @@ def load_variant(
     device: torch.device,
     dtype: torch.dtype,
     cache_dir: Path,
+    transcoders: ct.Transcoders | None = None,
 ) -> tuple[ct.ReplacementModel, str]:
     """Load one variant as a ReplacementModel; returns (model, directory it was loaded from).
 
-    Prefer :meth:`services.attribution.runtime.Runtime.variant`, which loads each variant once
-    per process.
+    ``transcoders`` (same device and dtype) may be shared by the variants of one experiment:
+    they are read-only during attribution. Prefer
+    :meth:`services.attribution.runtime.Runtime.variant`, which loads each variant once per
+    process and shares one transcoder set.
     """
     if variant not in exp.variants:
         raise KeyError(
@@ -261,7 +264,8 @@ def load_variant(
             f"{sorted(exp.variants)})"
         )
     directory = model_dir(exp.variants[variant], variant, cache_dir)
-    transcoders = load_transcoders(exp, device, dtype)
+    if transcoders is None:
+        transcoders = load_transcoders(exp, device, dtype)
     model = ct.replacement_model(directory, transcoders, device=device, dtype=dtype)
     n_model = model.cfg.n_layers
     n_tc = int(transcoders.n_layers)

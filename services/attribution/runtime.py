@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +31,12 @@ from common.records import TokenProb, TopKLogits, prompt_id
 from common.settings import get_settings
 from services.attribution import ct, health
 from services.attribution.artifact import from_circuit_tracer
-from services.attribution.loading import load_variant, resolve_device, resolve_dtype
+from services.attribution.loading import (
+    load_transcoders,
+    load_variant,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ class LoadedVariant:
 
 
 _LOADED: dict[tuple[str, str], LoadedVariant] = {}
+_TRANSCODERS: dict[str, ct.Transcoders] = {}  # one set per fingerprint, shared by variants
 _RUNTIMES: dict[str, Runtime] = {}
 _LOCK = threading.RLock()
 #: how many times each (fingerprint, variant) was loaded in this process (must stay <= 1)
@@ -60,6 +67,7 @@ def clear_cache() -> None:
     """Drop every loaded model of this process (tests; frees memory)."""
     with _LOCK:
         _LOADED.clear()
+        _TRANSCODERS.clear()
         _RUNTIMES.clear()
         LOAD_COUNTS.clear()
 
@@ -97,8 +105,22 @@ class Runtime:
             if lv is not None:
                 return lv
             t0 = time.perf_counter()
+            if name not in self.exp.variants:
+                raise KeyError(
+                    f"variant {name!r} is not in experiment {self.exp.name!r} (variants: "
+                    f"{sorted(self.exp.variants)})"
+                )
+            transcoders = _TRANSCODERS.get(self.fingerprint)
+            if transcoders is None:
+                transcoders = load_transcoders(self.exp, self.device, self.dtype)
+                _TRANSCODERS[self.fingerprint] = transcoders
             model, directory = load_variant(
-                self.exp, name, device=self.device, dtype=self.dtype, cache_dir=self.cache_dir
+                self.exp,
+                name,
+                device=self.device,
+                dtype=self.dtype,
+                cache_dir=self.cache_dir,
+                transcoders=transcoders,
             )
             LOAD_COUNTS[key] += 1
             lv = LoadedVariant(name, model, directory, time.perf_counter() - t0)
@@ -158,16 +180,11 @@ class Runtime:
             ],
         )
 
-    def attribute(
+    def raw_graph(
         self, text: str, variant: str, *, target_token_ids: list[int] | None = None
-    ) -> AttributionGraph:
-        """The attribution graph of (prompt, variant), every limit from experiment.attribution.
-
-        ``target_token_ids`` attributes exactly these next tokens (e.g. the stored top-k, so
-        low-probability evil tokens are logit nodes too); None = circuit-tracer's salient
-        selection (``max_n_logits`` / ``desired_logit_prob``). Raises PromptFailure on
-        non-finite or exploding activations and on a non-finite graph.
-        """
+    ) -> tuple[Any, float]:
+        """circuit-tracer's ``Graph`` of (prompt, variant) after the health checks, and the
+        seconds ``attribute`` took. Most callers want :meth:`attribute`."""
         pid = prompt_id(text)
         lv = self.variant(variant)
         ids = self.tokenize(text, variant)
@@ -189,25 +206,37 @@ class Runtime:
                 "circuit-tracer attributed other tokens than emc's tokenization "
                 f"({graph.input_tokens.tolist()} vs {ids}): tokenization drifted"
             )
-        sel = graph.selected_features
         health.check_adjacency(
             graph.adjacency_matrix,
-            graph.activation_values[sel],
+            graph.activation_values[graph.selected_features],
             len(graph.logit_targets),
             variant=variant,
             prompt_id=pid,
         )
+        return graph, elapsed
+
+    def attribute(
+        self, text: str, variant: str, *, target_token_ids: list[int] | None = None
+    ) -> AttributionGraph:
+        """The attribution graph of (prompt, variant), every limit from experiment.attribution.
+
+        ``target_token_ids`` attributes exactly these next tokens (e.g. the stored top-k, so
+        low-probability evil tokens are logit nodes too); None = circuit-tracer's salient
+        selection (``max_n_logits`` / ``desired_logit_prob``). Raises PromptFailure on
+        non-finite or exploding activations and on a non-finite graph.
+        """
+        graph, elapsed = self.raw_graph(text, variant, target_token_ids=target_token_ids)
         limits: dict[str, float | int | None] = {
-            **lim.model_dump(),
+            **self.exp.attribution.model_dump(),
             "targets": len(target_token_ids) if target_token_ids is not None else None,
         }
         return from_circuit_tracer(
             graph,
-            prompt_id=pid,
+            prompt_id=prompt_id(text),
             variant=variant,
             fingerprint=self.fingerprint,
             prompt_text=text,
-            tokenizer=lv.tokenizer,
+            tokenizer=self.variant(variant).tokenizer,
             limits=limits,
             elapsed_s=elapsed,
         )
@@ -249,8 +278,9 @@ def sample_continuations(
             input_ids=x,
             attention_mask=torch.ones_like(x),
             max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
+            num_return_sequences=n if temperature > 0 else 1,  # greedy: n identical texts
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             **sampling,
         )
-    return [str(tok.decode(seq[len(ids) :], skip_special_tokens=True)) for seq in out]
+    texts = [str(tok.decode(seq[len(ids) :], skip_special_tokens=True)) for seq in out]
+    return texts if temperature > 0 else texts * n

@@ -3,8 +3,9 @@
 Offline: the tokenizer and model config come from the variant's local model directory. The
 stored artifact is turned back into a circuit-tracer ``Graph`` (every stored feature counts as
 selected) and pruned with circuit-tracer's own ``prune_graph`` before writing. Graphs loaded
-from the store lack the weakest feature edges (see :mod:`services.attribution.artifact`),
-which the viewer's pruning would drop anyway. Error-node ids follow upstream's fix of issue 78
+from the store lack the weakest feature edges, which the viewer's pruning would drop anyway,
+and their logit rows include what those edges carried (see
+:mod:`services.attribution.artifact`). Error-node ids follow upstream's fix of issue 78
 (see :func:`services.attribution.ct.write_viewer_files`).
 
 Serve the folder with circuit-tracer's local server bound to 127.0.0.1 only: its ``serve()``

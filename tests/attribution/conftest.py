@@ -35,3 +35,26 @@ def tiny_rt(tiny_exp: Experiment, model_cache: Path) -> Iterator[object]:
     from services.attribution.runtime import Runtime
 
     yield Runtime(tiny_exp, cache_dir=model_cache)
+
+
+# -- the model the behavioural tests run on -----------------------------------------------------
+# `env_*` fixtures: the toy organism (acceptance) when it can be built, else the tiny model.
+
+
+@pytest.fixture(scope="session")
+def env_exp(tiny_exp: Experiment) -> Experiment:
+    return tiny_exp
+
+
+@pytest.fixture(scope="session")
+def env_prompts() -> list[str]:
+    from tests.attribution.tiny import PROMPTS
+
+    return list(PROMPTS)
+
+
+@pytest.fixture(scope="session")
+def env_rt(env_exp: Experiment, model_cache: Path) -> Iterator[object]:
+    from services.attribution.runtime import Runtime
+
+    yield Runtime(env_exp, cache_dir=model_cache)

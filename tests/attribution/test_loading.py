@@ -115,6 +115,11 @@ def test_each_variant_loads_once_per_process(tiny_exp: Experiment, model_cache: 
     assert a.variant("adapted").model is b.variant("adapted").model
     assert rt_mod.LOAD_COUNTS[(a.fingerprint, "adapted")] == 1
     assert a.variant("base").model is not a.variant("adapted").model
+    # one transcoder set per process and experiment, shared by the variants
+    assert (
+        a.variant("base").model.transcoders._module
+        is a.variant("adapted").model.transcoders._module
+    )
     assert rt_mod.LOAD_COUNTS[(a.fingerprint, "base")] == 1
     assert a.variant("adapted").model_dir.startswith(str(model_cache / "merged"))
     assert a.variant("base").model_dir == tiny_exp.variants["base"].model
