@@ -103,24 +103,37 @@ def batch_key(ctx: Context, batch: str) -> str:
 
 
 def step_generate(ctx: Context, n: int, batch: str | None = None) -> list[Next]:
-    """Generate up to ``n`` new prompts (paused by backpressure unless a batch asks)."""
+    """Generate up to ``n`` new prompts (paused by backpressure unless a batch asks).
+
+    A generator that fails (its service down after retries, answers unusable) produces
+    no prompts this time; the error is logged and a batch still counts the answer, so
+    ``emc mine`` asks again instead of waiting forever.
+    """
     from services.generator.core import generate_batch, make_generator, should_pause
     from services.judge.examples import StoreExamples
 
     if batch is None and should_pause(len(ctx.queue), ctx.exp.generator.high_water_mark):
         log.info("review queue at %d >= high-water mark: not generating", len(ctx.queue))
         return []
-    generator = make_generator(ctx.exp, ctx.settings, StoreExamples(ctx.store, ctx.exp))
-    prompts = generate_batch(ctx.store, ctx.exp, generator, n)
-    for p in prompts:
-        ctx.queue.set_status(p.id, Status.generated)
-    if batch is not None:
-        pipe = ctx.redis.pipeline()
-        if prompts:
-            pipe.rpush(batch_key(ctx, batch), *[p.id for p in prompts])
-        pipe.incr(batch_key(ctx, batch) + ":answers")
-        pipe.expire(batch_key(ctx, batch), 7 * 86400)
-        pipe.execute()
+    prompts: list[Prompt] = []
+    try:
+        generator = make_generator(ctx.exp, ctx.settings, StoreExamples(ctx.store, ctx.exp))
+        prompts = generate_batch(ctx.store, ctx.exp, generator, n)
+    except Exception as e:
+        log.error("generator failed, no prompts this time: %s: %s", type(e).__name__, e)
+        if batch is None:
+            raise
+    finally:
+        for p in prompts:
+            ctx.queue.set_status(p.id, Status.generated)
+        if batch is not None:
+            pipe = ctx.redis.pipeline()
+            if prompts:
+                pipe.rpush(batch_key(ctx, batch), *[p.id for p in prompts])
+            pipe.incr(batch_key(ctx, batch) + ":answers")
+            pipe.expire(batch_key(ctx, batch), 7 * 86400)
+            pipe.expire(batch_key(ctx, batch) + ":answers", 7 * 86400)
+            pipe.execute()
     return [Next("emc.gpu.logits", {"exp": ctx.exp.name, "prompt_id": p.id}) for p in prompts]
 
 
@@ -265,15 +278,18 @@ def derive_state(ctx: Context, pid: str) -> PromptState:
 
     decision = funnel(exp, load_verdicts(ctx, pid, exp.judge.judge_id), load_logits(ctx, pid))
     labeled = current_label(ctx.store, exp.name, pid) is not None
-    if decision.to_review and not labeled:
-        return PromptState(Status.in_review, decision.divergent, decision.evil_score)
+    waiting = decision.to_review and not labeled
     if has["features"]:
-        return PromptState(Status.analyzed)
-    if has["graphs"]:
-        return PromptState(Status.graphed)
-    if labeled:
-        return PromptState(Status.labeled)
-    return PromptState(Status.judged if decision.graph_variants else Status.done)
+        status = Status.analyzed
+    elif has["graphs"]:
+        status = Status.graphed
+    elif labeled:
+        status = Status.labeled
+    elif waiting:
+        status = Status.in_review
+    else:
+        status = Status.judged if decision.graph_variants else Status.done
+    return PromptState(status, decision.divergent, decision.evil_score, awaiting_review=waiting)
 
 
 def prompt_ids(ctx: Context) -> Iterator[str]:

@@ -159,7 +159,6 @@ class ReviewQueue:
             pipe.zadd(
                 self.queue_key, {e.pid: queue_score(e.divergent, e.evil_score) for e in queued}
             )
-            pipe.hset(self.status_key, mapping={e.pid: Status.in_review.value for e in queued})
         pipe.execute()
 
 
@@ -170,21 +169,23 @@ class PromptState:
     status: Status
     divergent: bool = False
     evil_score: float = 0.0
+    #: waiting for a human (the status says how far the automatic work got)
+    awaiting_review: bool = False
 
 
 def rebuild(queue: ReviewQueue, states: Iterable[tuple[str, PromptState]]) -> int:
     """Rebuild queue and status index from ``(pid, state)`` pairs derived from the store.
 
     The pipeline owns *how* a prompt's state follows from its artifacts (logits, verdicts,
-    labels, graphs); it walks the store and passes the states here. Prompts whose status
-    is ``in_review`` are queued with their divergence and evil score. Returns the number
-    of prompts indexed.
+    labels, graphs); it walks the store and passes the states here. Prompts awaiting
+    review (or with status ``in_review``) are queued with their divergence and evil score.
+    Returns the number of prompts indexed.
     """
     statuses: dict[str, Status] = {}
     queued: list[QueueEntry] = []
     for pid, state in states:
         statuses[pid] = state.status
-        if state.status == Status.in_review:
+        if state.awaiting_review or state.status == Status.in_review:
             queued.append(QueueEntry(pid, state.divergent, state.evil_score))
     queue.replace_all(statuses, queued)
     return len(statuses)

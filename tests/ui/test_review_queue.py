@@ -80,8 +80,10 @@ def test_rebuild_replaces_everything(queue: ReviewQueue) -> None:
             ("p1", PromptState(Status.in_review, divergent=True, evil_score=0.4)),
             ("p2", PromptState(Status.labeled)),
             ("p3", PromptState(Status.in_review, evil_score=0.9)),
+            ("p4", PromptState(Status.analyzed, evil_score=0.2, awaiting_review=True)),
         ],
     )
-    assert n == 3
-    assert [e.pid for e in queue.list()] == ["p1", "p3"]
+    assert n == 4
+    assert [e.pid for e in queue.list()] == ["p1", "p3", "p4"]
+    assert queue.status("p4") == Status.analyzed  # waiting for review is the queue's fact
     assert queue.status("stale") is None and queue.status("p2") == Status.labeled
