@@ -68,6 +68,28 @@ def rejects_response_format(inner: Responder) -> Responder:
     return respond
 
 
+class ConcurrencyProbe:
+    """A responder that holds every request ``hold_s`` seconds and records the peak in flight."""
+
+    def __init__(self, inner: Responder, hold_s: float = 0.1) -> None:
+        self.inner = inner
+        self.hold_s = hold_s
+        self.peak = 0
+        self._now = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, body: dict[str, Any]) -> Reply | str:
+        with self._lock:
+            self._now += 1
+            self.peak = max(self.peak, self._now)
+        try:
+            time.sleep(self.hold_s)
+            return self.inner(body)
+        finally:
+            with self._lock:
+                self._now -= 1
+
+
 def _no_default(body: dict[str, Any]) -> Reply:
     return Reply(
         status=500,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -22,6 +21,7 @@ from common.llm import (
 )
 from common.settings import Settings
 from tests.fakes.openai_server import (
+    ConcurrencyProbe,
     FakeOpenAIServer,
     Reply,
     rejects_response_format,
@@ -236,26 +236,15 @@ def test_from_settings_and_missing_key() -> None:
 
 
 def test_concurrency_is_bounded(openai_server: FakeOpenAIServer) -> None:
-    lock = threading.Lock()
-    state = {"now": 0, "peak": 0}
-
-    def slow(body: dict[str, object]) -> str:
-        with lock:
-            state["now"] += 1
-            state["peak"] = max(state["peak"], state["now"])
-        time.sleep(0.05)
-        with lock:
-            state["now"] -= 1
-        return json.dumps(body["messages"])
-
-    openai_server.default = slow
+    probe = ConcurrencyProbe(lambda body: json.dumps(body["messages"]))
+    openai_server.default = probe
     c = client(openai_server, max_concurrency=2)
     outs = bounded_map(
         lambda i: c.chat([{"role": "user", "content": str(i)}]).content, range(8), concurrency=4
     )
     values = raise_first(outs)
     assert [json.loads(v)[0]["content"] for v in values] == [str(i) for i in range(8)]
-    assert state["peak"] == 2  # the client's limit wins over the pool's 4
+    assert probe.peak == 2  # the client's limit wins over the pool's 4
 
 
 def test_bounded_map_keeps_errors() -> None:
