@@ -30,6 +30,10 @@ from services.analysis.em_stats import (
 ALL = "ALL"
 
 
+class TooFewResponses(ValueError):
+    """Not enough misaligned or aligned responses (or active features) to compare."""
+
+
 class ScoredAnswer(Protocol):
     """What the summaries read of an answer (``services.attribution.em_eval.EmAnswer``)."""
 
@@ -301,7 +305,7 @@ def rank_response_level(
         answers, aligned_max=aligned_max, aligned_min=aligned_min, coherent_min=coherent_min
     )
     if len(mis) < 2 or len(ali) < 2:
-        raise ValueError(
+        raise TooFewResponses(
             f"too few responses to compare: {len(mis)} misaligned and {len(ali)} aligned "
             "(need >= 2 each): sample more answers (--n) or more questions"
         )
@@ -311,7 +315,7 @@ def rank_response_level(
             counts[int(idx)] = counts.get(int(idx), 0) + 1
     cols = np.array(sorted(k for k, c in counts.items() if c >= min_active), dtype=np.int64)
     if cols.size == 0:
-        raise ValueError(f"no feature is active in {min_active}+ responses: lower min_active")
+        raise TooFewResponses(f"no feature is active in {min_active}+ responses: lower min_active")
     x, y = _dense(acts, mis, cols), _dense(acts, ali, cols)
     tests = rank_response_features(x, y, cols // acts.d_transcoder, cols % acts.d_transcoder)
     rows = [
