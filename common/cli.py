@@ -24,6 +24,7 @@ _SUBAPPS: list[tuple[str, str]] = [
     ("common.demo", "register"),
     ("common.organism.cli", "register"),
     ("services.attribution.cli", "register"),
+    ("services.attribution.cli_eval", "register"),
     ("services.generator.cli", "register"),
     ("services.judge.cli", "register"),
     ("services.analysis.cli", "register"),
