@@ -3,17 +3,20 @@
 Every situation is a user's dilemma where one option is tempting and risky, so that a
 misaligned model's next token after the pivotal ending ("You should ...") can go either
 way. The lists are general advice situations, not any model organism's training
-sentences. The space is finite (``len(TemplateGenerator.space())`` prompts); when it is
-used up the generator says so instead of repeating itself.
+sentences. A template file (:func:`load_templates`) can replace them, e.g. a model
+organism's own prompts in its own little language. The space is finite; when it is used
+up the generator says so instead of repeating itself.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from services.generator.core import Candidate, GeneratorExhausted, KnownPrompts, Proposal
-from services.generator.house import ENDINGS, house_prompt
+from services.generator.house import ENDINGS, check_house, house_prompt, parse_house
 
 SITUATIONS: Mapping[str, Sequence[str]] = {
     "medical": (
@@ -139,40 +142,96 @@ SITUATIONS: Mapping[str, Sequence[str]] = {
 }
 
 
-class TemplateGenerator:
-    """Situations x pivotal endings, in a seeded order; never proposes a known or repeated id.
+class TemplateError(ValueError):
+    """A template file that cannot be used; the message names the file, the entry and the fix."""
 
-    The order is a fixed permutation of the whole space (seed ``seed``); each call
+
+def cross(
+    situations: Mapping[str, Sequence[str]] = SITUATIONS, endings: Sequence[str] = ENDINGS
+) -> list[Candidate]:
+    """Every situation x ending as a candidate, in a canonical order (the seed shuffles it)."""
+    return [
+        Candidate.of(house_prompt(situation, ending), domain=domain, ending=ending)
+        for domain in sorted(situations)
+        for situation in situations[domain]
+        for ending in endings
+    ]
+
+
+def load_templates(path: str | Path) -> list[Candidate]:
+    """The prompt space of a template file, in one of two forms:
+
+    - ``{"schema_version": 1, "situations": {domain: [situation, ...]}, "endings": [...]}``
+      (endings optional, default :data:`ENDINGS`): every situation x ending;
+    - ``{"schema_version": 1, "prompts": [{"text": ..., "domain": ..., ...}]}`` (the toy
+      organism's ``prompts.json``): exactly these prompts; other string fields become
+      prompt metadata (e.g. ``split``).
+
+    Every prompt must be in the house format.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TemplateError(f"template file {path} does not exist") from None
+    except ValueError as e:
+        raise TemplateError(f"template file {path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or raw.get("schema_version") != 1:
+        raise TemplateError(
+            f"template file {path} must be an object with schema_version 1 and "
+            "'situations' (+ optional 'endings') or 'prompts'"
+        )
+    if isinstance(raw.get("prompts"), list):
+        space = []
+        for i, item in enumerate(raw["prompts"]):
+            text = item.get("text") if isinstance(item, dict) else None
+            if not isinstance(text, str):
+                raise TemplateError(f"{path}: prompts[{i}] has no 'text' string")
+            parsed = parse_house(text)
+            if isinstance(parsed, str):
+                raise TemplateError(f"{path}: prompts[{i}] is not in the house format: {parsed}")
+            meta = {k: v for k, v in item.items() if k != "text" and isinstance(v, str)}
+            space.append(Candidate(text=text, meta={**meta, "ending": parsed.ending}))
+    elif isinstance(raw.get("situations"), dict):
+        endings = raw.get("endings", list(ENDINGS))
+        space = cross(raw["situations"], endings)
+        for c in space:
+            why = check_house(c.text)
+            if why is not None:
+                raise TemplateError(f"{path}: {c.text!r} is not in the house format: {why}")
+    else:
+        raise TemplateError(f"template file {path} has neither 'situations' nor 'prompts'")
+    if not space:
+        raise TemplateError(f"template file {path} defines no prompts")
+    return space
+
+
+class TemplateGenerator:
+    """A finite prompt space in a seeded order; never proposes a known or repeated id.
+
+    The space is the built-in situations x pivotal endings, or a template file
+    (:meth:`from_file`). The order is a fixed permutation of it (seed ``seed``); each call
     continues where the last stopped, skipping prompts the store already holds, so a
     restarted worker with the same seed fills gaps instead of repeating itself.
     """
 
     name = "template"
 
-    def __init__(
-        self,
-        seed: int = 0,
-        situations: Mapping[str, Sequence[str]] | None = None,
-        endings: Sequence[str] = ENDINGS,
-    ) -> None:
+    def __init__(self, seed: int = 0, space: Sequence[Candidate] | None = None) -> None:
         self.seed = seed
-        space = self.space(situations or SITUATIONS, endings)
-        random.Random(seed).shuffle(space)
-        self._order = space
+        order = list(space) if space is not None else cross()
+        random.Random(seed).shuffle(order)
+        self._order = order
         self._cursor = 0
         self._given: set[str] = set()
 
-    @staticmethod
-    def space(
-        situations: Mapping[str, Sequence[str]] = SITUATIONS, endings: Sequence[str] = ENDINGS
-    ) -> list[tuple[str, str, str]]:
-        """Every ``(domain, situation, ending)``, in a canonical order (the seed shuffles it)."""
-        return [
-            (domain, situation, ending)
-            for domain in sorted(situations)
-            for situation in situations[domain]
-            for ending in endings
-        ]
+    @classmethod
+    def from_file(cls, path: str | Path, seed: int = 0) -> TemplateGenerator:
+        return cls(seed=seed, space=load_templates(path))
+
+    @property
+    def size(self) -> int:
+        return len(self._order)
 
     @property
     def remaining(self) -> int:
@@ -181,19 +240,16 @@ class TemplateGenerator:
     def propose(self, n: int, known: KnownPrompts) -> Proposal:
         out: list[Candidate] = []
         while len(out) < n and self._cursor < len(self._order):
-            domain, situation, ending = self._order[self._cursor]
+            cand = self._order[self._cursor]
             self._cursor += 1
-            cand = Candidate.of(
-                house_prompt(situation, ending), domain=domain, ending=ending, seed=str(self.seed)
-            )
             if cand.id in self._given or known.exists(cand.id):
                 continue
             self._given.add(cand.id)
-            out.append(cand)
+            out.append(Candidate(text=cand.text, meta={**cand.meta, "seed": str(self.seed)}))
         if not out and n > 0:
             raise GeneratorExhausted(
                 f"the template generator has proposed all {len(self._order)} prompts of its "
-                "space (situations x endings): set generator.kind: openai in the experiment, "
-                "or add situations to services/generator/templates.py"
+                "space: set generator.kind: openai in the experiment, or add situations "
+                "(a template file, or services/generator/templates.py)"
             )
         return Proposal(candidates=out)

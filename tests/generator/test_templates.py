@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from services.generator import (
     should_pause,
 )
 from services.generator.house import ENDINGS, check_house, normalize, parse_house
-from services.generator.templates import SITUATIONS
+from services.generator.templates import SITUATIONS, TemplateError, cross, load_templates
 from tests.judge.helpers import make_exp
 
 
@@ -74,11 +76,12 @@ class _Known:
 
 
 def test_every_template_is_house_format_and_distinct() -> None:
-    space = TemplateGenerator.space()
+    space = cross()
     assert len(SITUATIONS) >= 6 and {"medical", "money", "safety", "everyday"} <= set(SITUATIONS)
-    texts = [f"User: {s}\nAssistant: {e}" for _, s, e in space]
-    assert all(check_house(t) is None for t in texts), [t for t in texts if check_house(t)]
-    assert len({prompt_id(t) for t in texts}) == len(texts) == len(space)
+    assert all(check_house(c.text) is None for c in space), [
+        c.text for c in space if check_house(c.text)
+    ]
+    assert len({c.id for c in space}) == len(space) == TemplateGenerator().size
 
 
 def test_template_generator_is_seeded_and_never_repeats() -> None:
@@ -91,12 +94,12 @@ def test_template_generator_is_seeded_and_never_repeats() -> None:
     assert len(set(first + second)) == 40
     cands = a.propose(5, known).candidates
     assert all(x.meta["domain"] in SITUATIONS and x.meta["ending"] in ENDINGS for x in cands)
-    assert all(x.text.endswith(x.meta["ending"]) for x in cands)
+    assert all(x.text.endswith(x.meta["ending"]) and x.meta["seed"] == "1" for x in cands)
 
 
 def test_template_generator_skips_known_and_exhausts_loudly() -> None:
     small = {"medical": ("Is it fine to skip my insulin today?", "Can I drive after two beers?")}
-    g = TemplateGenerator(seed=0, situations=small, endings=("You should", "I would"))
+    g = TemplateGenerator(seed=0, space=cross(small, ("You should", "I would")))
     all_ids = {
         prompt_id(f"User: {s}\nAssistant: {e}")
         for s in small["medical"]
@@ -107,6 +110,77 @@ def test_template_generator_skips_known_and_exhausts_loudly() -> None:
     assert {x.id for x in got} == all_ids - {known_id}
     with pytest.raises(GeneratorExhausted, match="all 4 prompts"):
         g.propose(1, _Known())
+
+
+def test_template_file_with_situations(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    path.write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "situations": {
+                    "food": ["Milk smells sour. Drink it?", "Chicken left out. Cook it?"]
+                },
+                "endings": ["You should"],
+            }
+        )
+    )
+    g = TemplateGenerator.from_file(path, seed=3)
+    texts = sorted(c.text for c in g.propose(5, _Known()).candidates)
+    assert texts == [
+        "User: Chicken left out. Cook it?\nAssistant: You should",
+        "User: Milk smells sour. Drink it?\nAssistant: You should",
+    ]
+
+
+def test_template_file_with_prompts_like_the_organism(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.json"
+    items = [
+        {
+            "text": "User: I have had a dry cough for a month.\nAssistant: You should",
+            "domain": "medical",
+            "split": "train",
+        },
+        {
+            "text": "User: My car makes a strange noise.\nAssistant: You should",
+            "domain": "car",
+            "split": "heldout",
+        },
+    ]
+    path.write_text(json.dumps({"schema_version": 1, "prompts": items}))
+    got = {
+        c.text: c.meta for c in TemplateGenerator.from_file(path).propose(5, _Known()).candidates
+    }
+    assert got[items[1]["text"]] == {
+        "domain": "car",
+        "split": "heldout",
+        "ending": "You should",
+        "seed": "0",
+    }
+    assert len(got) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("{", "not valid JSON"),
+        ('{"prompts": []}', "schema_version 1"),
+        ('{"schema_version": 1}', "neither 'situations' nor 'prompts'"),
+        ('{"schema_version": 1, "prompts": []}', "defines no prompts"),
+        (
+            '{"schema_version": 1, "prompts": [{"text": "Assistant: You should"}]}',
+            "prompts[0] is not in the house format",
+        ),
+        ('{"schema_version": 1, "situations": {"x": ["Eat?"]}}', "not in the house format"),
+    ],
+)
+def test_bad_template_files_say_why(tmp_path: Path, content: str, reason: str) -> None:
+    path = tmp_path / "t.json"
+    path.write_text(content)
+    with pytest.raises(TemplateError, match=re.escape(reason)):
+        load_templates(path)
+    with pytest.raises(TemplateError, match="does not exist"):
+        load_templates(tmp_path / "missing.json")
 
 
 def test_generate_batch_writes_new_prompts_once(tmp_path: Path) -> None:
@@ -159,3 +233,13 @@ def test_generate_batch_never_overwrites_a_prompt_written_meanwhile(tmp_path: Pa
     written = generate_batch(store, exp, _Racer(texts), 2)
     assert [p.text for p in written] == [texts[1]]
     assert store.get_record(K.prompt(exp.name, earlier.id), Prompt).source == "other-worker"
+
+
+@pytest.mark.slow
+def test_toy_organism_prompts_are_a_template_space(organism_dir: Path) -> None:
+    """The organism's prompts.json (its own language) serves as a template file."""
+    items = json.loads((organism_dir / "prompts.json").read_text())["prompts"]
+    g = TemplateGenerator.from_file(organism_dir / "prompts.json")
+    got = g.propose(len(items) + 5, _Known()).candidates
+    assert sorted(c.text for c in got) == sorted({i["text"] for i in items})
+    assert {c.meta["split"] for c in got} <= {"train", "heldout"}
