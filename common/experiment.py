@@ -81,6 +81,11 @@ class JudgeSpec(_Strict):
 class GeneratorSpec(_Strict):
     kind: Literal["template", "openai"] = "template"
     model: str = "o3"
+    templates: str | None = Field(
+        default=None,
+        description="template generator: a templates file or prompt list (the toy organism "
+        "ships prompts.json); unset = the built-in English templates",
+    )
     batch_size: int = Field(default=10, gt=0)
     few_shot: int = Field(default=6, ge=0)
     temperature: float = Field(default=1.0, ge=0)
@@ -200,6 +205,9 @@ def parse_experiment(raw: dict[str, Any], base_dir: Path, source: str | None = N
     judge = raw.get("judge")
     if isinstance(judge, dict) and judge.get("lexicon"):
         raw["judge"] = {**judge, "lexicon": _resolve(judge["lexicon"], base_dir)}
+    gen = raw.get("generator")
+    if isinstance(gen, dict) and gen.get("templates"):
+        raw["generator"] = {**gen, "templates": _resolve(gen["templates"], base_dir)}
     raw["source"] = source
     try:
         return Experiment.model_validate(raw)

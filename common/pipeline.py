@@ -34,6 +34,7 @@ from common.store import keys as K
 
 if TYPE_CHECKING:
     from services.attribution.runtime import Runtime
+    from services.generator.core import Generator
     from services.judge.core import Judge
 
 log = logging.getLogger(__name__)
@@ -102,22 +103,22 @@ def batch_key(ctx: Context, batch: str) -> str:
     return f"emc:{ctx.exp.name}:batch:{batch}"
 
 
-def step_generate(ctx: Context, n: int, batch: str | None = None) -> list[Next]:
+def step_generate(
+    ctx: Context, generator: Generator, n: int, batch: str | None = None
+) -> list[Next]:
     """Generate up to ``n`` new prompts (paused by backpressure unless a batch asks).
 
     A generator that fails (its service down after retries, answers unusable) produces
     no prompts this time; the error is logged and a batch still counts the answer, so
     ``emc mine`` asks again instead of waiting forever.
     """
-    from services.generator.core import generate_batch, make_generator, should_pause
-    from services.judge.examples import StoreExamples
+    from services.generator.core import generate_batch, should_pause
 
     if batch is None and should_pause(len(ctx.queue), ctx.exp.generator.high_water_mark):
         log.info("review queue at %d >= high-water mark: not generating", len(ctx.queue))
         return []
     prompts: list[Prompt] = []
     try:
-        generator = make_generator(ctx.exp, ctx.settings, StoreExamples(ctx.store, ctx.exp))
         prompts = generate_batch(ctx.store, ctx.exp, generator, n)
     except Exception as e:
         log.error("generator failed, no prompts this time: %s: %s", type(e).__name__, e)
@@ -213,6 +214,7 @@ class InlineWorkers:
 
     runtime: Runtime
     judge: Judge
+    generator: Generator
 
 
 def execute(ctx: Context, workers: InlineWorkers, nxt: Next) -> list[Next]:
@@ -222,7 +224,7 @@ def execute(ctx: Context, workers: InlineWorkers, nxt: Next) -> list[Next]:
     pid = kw.get("prompt_id")
     try:
         if nxt.task == "emc.generate.batch":
-            return step_generate(ctx, kw["n"], kw.get("batch"))
+            return step_generate(ctx, workers.generator, kw["n"], kw.get("batch"))
         if nxt.task == "emc.gpu.logits":
             return step_logits(ctx, workers.runtime, kw["prompt_id"])
         if nxt.task == "emc.judge.verdicts":

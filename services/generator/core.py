@@ -164,6 +164,8 @@ def make_generator(
     if spec.kind == "template":
         from services.generator.templates import TemplateGenerator
 
+        if spec.templates:
+            return TemplateGenerator.from_file(spec.templates, seed=spec.seed)
         return TemplateGenerator(seed=spec.seed)
     if spec.kind == "openai":
         from common.llm import LLMClient

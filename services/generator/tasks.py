@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from common.celery_app import app
 from common.pipeline import step_generate, task_step
+
+if TYPE_CHECKING:
+    from services.generator.core import Generator
+
+
+@lru_cache(maxsize=1)
+def _generator() -> Generator:
+    """One generator per worker process: it keeps its order and near-duplicate memory."""
+    from common.context import get_context
+    from services.generator.core import make_generator
+    from services.judge.examples import StoreExamples
+
+    ctx = get_context()
+    return make_generator(ctx.exp, ctx.settings, StoreExamples(ctx.store, ctx.exp))
 
 
 @app.task(name="emc.generate.batch", bind=True)
 def generate_batch(self: Any, exp: str, n: int, batch: str | None = None) -> int:
     """Generate up to ``n`` prompts and enqueue their logits; ``batch`` tracks a `emc mine` run."""
-    return task_step(self, exp, None, "generate", lambda ctx: step_generate(ctx, n, batch))
+    return task_step(
+        self, exp, None, "generate", lambda ctx: step_generate(ctx, _generator(), n, batch)
+    )
 
 
 @app.task(name="emc.generate.tick", bind=True)
@@ -21,7 +38,9 @@ def tick(self: Any) -> int:
 
     ctx = get_context()
     n = ctx.exp.generator.batch_size
-    return task_step(self, ctx.exp.name, None, "generate", lambda c: step_generate(c, n))
+    return task_step(
+        self, ctx.exp.name, None, "generate", lambda c: step_generate(c, _generator(), n)
+    )
 
 
 @app.on_after_finalize.connect
