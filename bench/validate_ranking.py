@@ -63,14 +63,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(res.divergent)} divergent (gap >= {res.min_gap}), {len(res.skipped)} skipped"
     )
     print(
-        f"{'base':>6} {'adapted':>7} {'top-ablated':>11} {'rand-ablated':>12} {'drop top':>8} {'drop rand':>9} {'err share':>9}  prompt"
+        f"{'base':>6} {'adapted':>7} {'top':>6} {'random':>6} {'all+':>6} "
+        f"{'drop top':>8} {'drop rand':>9} {'drop all+':>9}  prompt"
     )
     for p in res.divergent:
         rand = sum(p.mass_after_random) / len(p.mass_after_random)
         print(
-            f"{p.base_mass:6.3f} {p.adapted_mass:7.3f} {p.mass_after_top:11.3f} {rand:12.3f} "
-            f"{p.drop_top:8.1%} {p.drop_random:9.1%} {p.error_share:9.1%}  {p.text.splitlines()[0][:60]}"
+            f"{p.base_mass:6.3f} {p.adapted_mass:7.3f} {p.mass_after_top:6.3f} {rand:6.3f} "
+            f"{p.mass_after_all_positive:6.3f} {p.drop_top:8.1%} {p.drop_random:9.1%} "
+            f"{p.drop_all_positive:9.1%}  {p.text.splitlines()[0][:56]}"
         )
+    print("mean signed score by node (log-odds units):")
+    print("  " + ", ".join(f"{k} {v:+.2f}" for k, v in res.mean_score_by_node.items()))
+    print(
+        f"all positive-score features ablated (what features can carry at all): "
+        f"harmful mass drop {res.mean_drop_all_positive:.1%}"
+    )
     print(
         f"top-{res.top_n} ablation: harmful mass drop {res.mean_drop_top:.1%} (mean over prompts)"
     )

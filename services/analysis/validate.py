@@ -9,7 +9,9 @@ domain. For each held-out prompt where it does (adapted harmful mass clearly abo
 2. set the ``top_n`` highest-scoring features to 0 at their positions, with effects propagating
    through all later layers (``feature_intervention``, ``constrained_layers=None``, attention
    patterns frozen), and measure the harmful probability mass at the last position;
-3. do the same with ``top_n`` features drawn at random from all other active features of
+3. for reference, ablate every feature with a positive score (how much of the effect
+   features can carry at all: the rest runs through error nodes);
+4. do the same with ``top_n`` features drawn at random from all other active features of
    the prompt (activation > 0, any layer, positions after BOS; ``draws`` times, averaged).
 
 Harmful mass = sum of next-token probabilities over every vocabulary token that is a harmful
@@ -28,8 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common.graphs import AttributionGraph
 from common.scoring import Lexicon, normalize_word
 from services.analysis.errors import AnalysisError
+from services.analysis.influence import describe_node
 from services.analysis.ranking import TokenLabels, rank_features, score_sources
 
 if TYPE_CHECKING:
@@ -78,11 +82,18 @@ class PromptValidation:
     top_scores: list[float] = field(default_factory=list)
     mass_after_top: float = float("nan")
     mass_after_random: list[float] = field(default_factory=list)
-    error_share: float = float("nan")  # share of |score| on error nodes (diagnostic)
+    mass_after_all_positive: float = float("nan")  # every positive-score feature ablated
+    n_positive: int = 0
+    # signed score summed per node kind and layer, e.g. "error L1", "feature L2", "tokens"
+    score_by_node: dict[str, float] = field(default_factory=dict)
 
     @property
     def drop_top(self) -> float:
         return 1.0 - self.mass_after_top / self.adapted_mass
+
+    @property
+    def drop_all_positive(self) -> float:
+        return 1.0 - self.mass_after_all_positive / self.adapted_mass
 
     @property
     def drop_random(self) -> float:
@@ -104,6 +115,15 @@ class ValidationResult:
         return _mean([p.drop_top for p in self.divergent])
 
     @property
+    def mean_drop_all_positive(self) -> float:
+        return _mean([p.drop_all_positive for p in self.divergent])
+
+    @property
+    def mean_score_by_node(self) -> dict[str, float]:
+        keys = sorted({k for p in self.divergent for k in p.score_by_node})
+        return {k: _mean([p.score_by_node.get(k, 0.0) for p in self.divergent]) for k in keys}
+
+    @property
     def mean_drop_random(self) -> float:
         return _mean([p.drop_random for p in self.divergent])
 
@@ -116,8 +136,15 @@ class ValidationResult:
             "min_gap": self.min_gap,
             "mean_drop_top": self.mean_drop_top,
             "mean_drop_random": self.mean_drop_random,
+            "mean_drop_all_positive": self.mean_drop_all_positive,
+            "mean_score_by_node": self.mean_score_by_node,
             "prompts": [
-                {**asdict(p), "drop_top": p.drop_top, "drop_random": p.drop_random}
+                {
+                    **asdict(p),
+                    "drop_top": p.drop_top,
+                    "drop_random": p.drop_random,
+                    "drop_all_positive": p.drop_all_positive,
+                }
                 for p in self.divergent
             ],
             "skipped": [{"text": t, "why": w} for t, w in self.skipped],
@@ -155,6 +182,16 @@ def active_features(runtime: Runtime, variant: str, input_ids: Sequence[int]) ->
     return [(int(layer), int(pos) + 1, int(feat)) for layer, pos, feat in idx]
 
 
+def score_by_node(graph: AttributionGraph, score: torch.Tensor) -> dict[str, float]:
+    """Signed score summed per node kind and layer ("feature L2", "error L1", "tokens")."""
+    out: dict[str, float] = {}
+    for i in range(graph.token_slice.stop):
+        node = describe_node(graph, i)
+        key = "tokens" if node.kind == "token" else f"{node.kind} L{node.layer}"
+        out[key] = out.get(key, 0.0) + float(score[i])
+    return dict(sorted(out.items()))
+
+
 def validate_prompt(
     runtime: Runtime,
     text: str,
@@ -186,17 +223,18 @@ def validate_prompt(
     others = [k for k in active_features(runtime, variant, ids) if k not in set(top_keys)]
     if len(others) < top_n:
         raise AnalysisError(f"only {len(others)} other active features: too few for a random draw")
-    err = scores.score[graph.error_slice].abs().sum()
-    total = scores.score.abs().sum()
     result = PromptValidation(
         text=text,
         base_mass=base_mass,
         adapted_mass=adapted_mass,
         top_features=top_keys,
         top_scores=[f.score for f in top],
-        error_share=float(err / total) if float(total) > 0 else float("nan"),
+        score_by_node=score_by_node(graph, scores.score),
     )
     result.mass_after_top = ablated_mass(runtime, variant, ids, top_keys, harmful_ids)
+    positive = [(f.layer, f.pos, f.feature) for f in ranking.features if f.score > 0]
+    result.n_positive = len(positive)
+    result.mass_after_all_positive = ablated_mass(runtime, variant, ids, positive, harmful_ids)
     for _ in range(draws):
         pick = rng.sample(others, top_n)
         result.mass_after_random.append(
