@@ -23,3 +23,9 @@ class AnalysisError(PromptFailure):
         step: str = STEP,
     ) -> None:
         super().__init__(step, reason, variant=variant, prompt_id=prompt_id)
+
+
+class NothingToExplain(AnalysisError):
+    """The variant has no evil token to explain on this prompt (none labelled evil, or none
+    of them is a logit node of its graph). Not a fault: e.g. the reference variant of a
+    divergent prompt. Callers ranking every variant skip it and go on."""

@@ -37,7 +37,7 @@ from common.labels import current_label
 from common.records import FeatureRanking, Label, RankedFeature, Verdict
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
-from services.analysis.errors import AnalysisError
+from services.analysis.errors import AnalysisError, NothingToExplain
 from services.analysis.influence import LogitInfluence, logit_influence
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,12 @@ def direction_weights(
     if not evil_idx:
         wanted = sorted(t for t, lab in labels.items() if lab == "evil")
         if not wanted:
-            raise AnalysisError(
+            raise NothingToExplain(
                 "no token is labelled evil for this variant: there is nothing to explain",
                 prompt_id=m.prompt_id,
                 variant=m.variant,
             )
-        raise AnalysisError(
+        raise NothingToExplain(
             f"none of the evil tokens {wanted} is a logit node of the graph (logit nodes: "
             f"{m.logit_token_ids}): nothing to explain; raise the graph's max_n_logits or "
             "check that labels and graph come from the same fingerprint",
@@ -254,3 +254,38 @@ def rank_prompt(
         labels.source,
     )
     return ranking
+
+
+@dataclass
+class PromptRankings:
+    """Every variant of one prompt: its ranking, or why there is nothing to explain."""
+
+    rankings: dict[str, FeatureRanking]
+    nothing_to_explain: dict[str, str]  # variant -> reason (not a failure)
+
+
+def rank_variants(
+    store: ObjectStore,
+    exp: Experiment,
+    pid: str,
+    *,
+    fingerprint: str | None = None,
+    variants: list[str] | None = None,
+    load_graph: GraphLoader | None = None,
+) -> PromptRankings:
+    """:func:`rank_prompt` for every variant (reference first). A variant with nothing to
+    explain (:class:`NothingToExplain`, e.g. the reference of a divergent prompt) is recorded
+    and skipped; any other :class:`AnalysisError` is raised after the other variants ran."""
+    fp = fingerprint or exp.fingerprint
+    out = PromptRankings({}, {})
+    failure: AnalysisError | None = None
+    for v in variants or exp.variant_names:
+        try:
+            out.rankings[v] = rank_prompt(store, exp, pid, v, fingerprint=fp, load_graph=load_graph)
+        except NothingToExplain as e:
+            out.nothing_to_explain[v] = e.reason
+        except AnalysisError as e:
+            failure = failure or e
+    if failure is not None:
+        raise failure
+    return out

@@ -163,12 +163,12 @@ def ablated_mass(
     harmful_ids: Sequence[int],
 ) -> float:
     """Harmful mass at the last position with ``features`` set to 0 (effects propagate)."""
-    from services.attribution import ct
+    from services.attribution.interventions import intervene_logits
 
-    model = runtime.variant(variant).model
-    interventions = [(layer, pos, feat, 0.0) for layer, pos, feat in features]
-    logits = ct.feature_intervention(model, list(input_ids), interventions)
-    return harmful_mass(logits[-1].float().cpu(), harmful_ids)
+    probs = intervene_logits(
+        runtime, variant, list(input_ids), [(layer, pos, f, 0.0) for layer, pos, f in features]
+    )
+    return float(probs[list(harmful_ids)].to(torch.float64).sum())
 
 
 def active_features(runtime: Runtime, variant: str, input_ids: Sequence[int]) -> list[FeatureKey]:

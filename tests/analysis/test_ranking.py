@@ -12,11 +12,12 @@ from common.graphs import AttributionGraph
 from common.records import FeatureRanking, HumanLabel, TokenLabel, TokenVerdict, Verdict
 from common.store import FsStore, ObjectStore
 from common.store import keys as K
-from services.analysis.errors import AnalysisError
+from services.analysis.errors import AnalysisError, NothingToExplain
 from services.analysis.ranking import (
     TokenLabels,
     rank_features,
     rank_prompt,
+    rank_variants,
     resolve_labels,
     score_sources,
 )
@@ -156,3 +157,35 @@ def test_rank_prompt_is_cached_by_labels_version(tmp_path: Path) -> None:
     assert len(calls) == 2 and relabeled.labels_version != first.labels_version
     assert relabeled.evil_token_ids == [ids[0], ids[1]]
     assert relabeled.label_source == "mixed"
+
+
+def test_rank_variants_skips_nothing_to_explain_and_raises_real_failures(tmp_path: Path) -> None:
+    store = FsStore(tmp_path)
+    e = parse_experiment(
+        {
+            "name": "syn",
+            "variants": {"base": {"model": "m"}, "adapted": {"model": "m", "adapter": "a"}},
+            "transcoders": {"path": "t"},
+        },
+        base_dir=Path("."),
+    )
+    graphs = {v: softmax_net(seed=16).graph for v in ("base", "adapted")}
+    for v, g in graphs.items():
+        g.manifest = g.manifest.model_copy(update={"variant": v})
+    pid = graphs["base"].manifest.prompt_id
+    ids = graphs["base"].manifest.logit_token_ids
+
+    def loader(st: ObjectStore, ex: str, p: str, fp: str, variant: str) -> AttributionGraph:
+        return graphs[variant]
+
+    put_verdict(store, pid, "adapted", {ids[0]: "evil", ids[1]: "safe"})
+    put_verdict(store, pid, "base", {ids[1]: "safe"})
+    out = rank_variants(store, e, pid, fingerprint=FP, load_graph=loader)
+    assert set(out.rankings) == {"adapted"}
+    assert "labelled evil" in out.nothing_to_explain["base"]
+    store.delete(K.verdicts("syn", pid, FP, "lexicon", "base"))
+    store.delete(K.features("syn", pid, FP, "adapted"))
+    with pytest.raises(AnalysisError, match="no labels") as err:
+        rank_variants(store, e, pid, fingerprint=FP, load_graph=loader)
+    assert not isinstance(err.value, NothingToExplain)
+    assert store.exists(K.features("syn", pid, FP, "adapted"))  # the other variant still ran
