@@ -6,6 +6,8 @@ of them. Every one carries ``schema_version`` (via :class:`common.records.Record
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.records import Record
@@ -100,6 +102,9 @@ class VariantComparison(Record):
 class PromptIssue(_Row):
     prompt_id: str
     variant: str
+    kind: Literal["nothing_to_explain", "failed"] = Field(
+        description="nothing_to_explain: no evil token for this variant (not a fault)"
+    )
     reason: str
 
 

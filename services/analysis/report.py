@@ -27,7 +27,7 @@ from common.records import FeatureRanking, TopKLogits
 from common.store import NotFound, ObjectStore, StoreError
 from common.store import keys as K
 from services.analysis.aggregate import PromptFeatures, aggregate, compare, feature_changes
-from services.analysis.errors import AnalysisError
+from services.analysis.errors import AnalysisError, NothingToExplain
 from services.analysis.plots import plot_comparison, plot_layers, plot_top_features
 from services.analysis.ranking import GraphLoader, default_graph_loader, rank_prompt, resolve_labels
 from services.analysis.records import (
@@ -120,9 +120,16 @@ def build_report(
                     store, exp, pid, v, fingerprint=fp, load_graph=loader
                 )
             except AnalysisError as e:
-                issues.append(PromptIssue(prompt_id=pid, variant=v, reason=e.reason))
+                issues.append(
+                    PromptIssue(
+                        prompt_id=pid,
+                        variant=v,
+                        kind="nothing_to_explain" if isinstance(e, NothingToExplain) else "failed",
+                        reason=e.reason,
+                    )
+                )
             except StoreError as e:  # unreadable graph (torn write, other format version)
-                issues.append(PromptIssue(prompt_id=pid, variant=v, reason=str(e)))
+                issues.append(PromptIssue(prompt_id=pid, variant=v, kind="failed", reason=str(e)))
 
     divergent: dict[str, list[str]] = {}
     for v in others:
@@ -207,7 +214,9 @@ def render_summary(data: ReportData, *, top_n: int = 20) -> str:
         f"- prompts with graphs: {ix.n_prompts_with_graphs}",
         f"- divergent prompts (evil token outside `{ix.reference}`'s top-k): "
         f"{len(ix.divergent_prompt_ids)}",
-        f"- prompt/variant pairs that could not be ranked: {len(ix.issues)}",
+        f"- prompt/variant pairs with nothing to explain (no evil token): "
+        f"{sum(i.kind == 'nothing_to_explain' for i in ix.issues)}",
+        f"- prompt/variant pairs that failed: {sum(i.kind == 'failed' for i in ix.issues)}",
         "",
         "Score of a feature = first-order change of log(P_evil / P_safe) from the feature at its "
         "activation, through all paths of the attribution graph (signed); per prompt summed "
@@ -252,7 +261,7 @@ def render_summary(data: ReportData, *, top_n: int = 20) -> str:
             lines.append("")
     if ix.issues:
         lines += ["## Not ranked", ""]
-        lines += [f"- `{i.prompt_id}` / {i.variant}: {i.reason}" for i in ix.issues[:50]]
+        lines += [f"- `{i.prompt_id}` / {i.variant} ({i.kind}): {i.reason}" for i in ix.issues[:50]]
         if len(ix.issues) > 50:
             lines.append(f"- ... and {len(ix.issues) - 50} more (index.json)")
         lines.append("")

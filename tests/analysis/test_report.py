@@ -93,6 +93,7 @@ def test_report_end_to_end(tmp_path: Path) -> None:
     # base graphs of p1 and p4 have no evil logit node: reported, not silently zero
     assert {(i.prompt_id, i.variant) for i in ix.issues} == {("p1", "base"), ("p4", "base")}
     assert all("no token is labelled evil" in i.reason for i in ix.issues)
+    assert {i.kind for i in ix.issues} == {"nothing_to_explain"}
     agg = data.aggregates["adapted"]
     assert agg.prompt_ids == ["p1", "p3"]
     scores = [f.mean_score for f in agg.features]
