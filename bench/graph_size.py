@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.records import prompt_id
     from common.settings import get_settings
     from common.store.base import dumps
-    from services.attribution.artifact import encode, from_circuit_tracer
+    from services.attribution.artifact import encode
     from services.attribution.runtime import Runtime
 
     organism = args.organism or ensure_organism(get_settings().home / "organism")
@@ -61,16 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 pt = Path(tmp) / "g.pt"
                 raw.to_pt(str(pt))
                 pt_bytes = pt.stat().st_size
-                graph = from_circuit_tracer(
-                    raw,
-                    prompt_id=prompt_id(text),
-                    variant=variant,
-                    fingerprint=rt.fingerprint,
-                    prompt_text=text,
-                    tokenizer=rt.variant(variant).tokenizer,
-                    limits=dict(lim.model_dump()),
-                    elapsed_s=elapsed,
-                )
+                graph = rt.from_raw(raw, text, variant, elapsed)
                 data, manifest = encode(graph)
                 emc_bytes = len(data) + len(dumps(manifest))
                 ratio = emc_bytes / pt_bytes

@@ -65,7 +65,7 @@ from common.store.base import dumps
 FORMAT = "emc-graph"
 FORMAT_VERSION = "1"
 #: fraction of the total edge-influence score mass of feature rows that is kept
-EDGE_MASS_KEPT = 0.99
+EDGE_MASS_KEPT = 0.999
 #: largest relative change of any logit influence a stored graph may have (checked on encode)
 INFLUENCE_TOLERANCE = 1e-5
 _META_KEY = "emc"

@@ -226,6 +226,17 @@ class Runtime:
         non-finite or exploding activations and on a non-finite graph.
         """
         graph, elapsed = self.raw_graph(text, variant, target_token_ids=target_token_ids)
+        return self.from_raw(graph, text, variant, elapsed, target_token_ids)
+
+    def from_raw(
+        self,
+        graph: Any,
+        text: str,
+        variant: str,
+        elapsed_s: float,
+        target_token_ids: list[int] | None = None,
+    ) -> AttributionGraph:
+        """The :class:`AttributionGraph` of a :meth:`raw_graph` result."""
         limits: dict[str, float | int | None] = {
             **self.exp.attribution.model_dump(),
             "targets": len(target_token_ids) if target_token_ids is not None else None,
@@ -238,7 +249,7 @@ class Runtime:
             prompt_text=text,
             tokenizer=self.variant(variant).tokenizer,
             limits=limits,
-            elapsed_s=elapsed,
+            elapsed_s=elapsed_s,
         )
 
 

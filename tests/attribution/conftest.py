@@ -6,12 +6,14 @@ Tests that need the organism's behaviour use the session fixture ``organism_dir`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from common.experiment import Experiment, load_experiment
+from common.scoring import Lexicon
 from tests.attribution.tiny import build_tiny
 
 
@@ -37,20 +39,25 @@ def tiny_rt(tiny_exp: Experiment, model_cache: Path) -> Iterator[object]:
     yield Runtime(tiny_exp, cache_dir=model_cache)
 
 
-# -- the model the behavioural tests run on -----------------------------------------------------
-# `env_*` fixtures: the toy organism (acceptance) when it can be built, else the tiny model.
+# -- the toy organism: behavioural and acceptance tests -----------------------------------------
 
 
 @pytest.fixture(scope="session")
-def env_exp(tiny_exp: Experiment) -> Experiment:
-    return tiny_exp
+def env_exp(organism_dir: Path) -> Experiment:
+    return load_experiment(organism_dir / "experiment.yaml")
 
 
 @pytest.fixture(scope="session")
-def env_prompts() -> list[str]:
-    from tests.attribution.tiny import PROMPTS
+def env_prompts(organism_dir: Path) -> list[str]:
+    """The organism's pivotal prompts, held-out ones first."""
+    raw = json.loads((organism_dir / "prompts.json").read_text())
+    prompts = sorted(raw["prompts"], key=lambda p: p["split"] != "heldout")
+    return [p["text"] for p in prompts]
 
-    return list(PROMPTS)
+
+@pytest.fixture(scope="session")
+def env_lexicon(organism_dir: Path) -> Lexicon:
+    return Lexicon.load(organism_dir / "lexicon.json")
 
 
 @pytest.fixture(scope="session")
