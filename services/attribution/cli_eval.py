@@ -12,25 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+# one --experiment option and one way to build the context for every attribution command
+from services.attribution.cli import _EXPERIMENT, _context
+
 if TYPE_CHECKING:
     from common.context import Context
     from common.scoring import EmScorer, HarmJudge
     from services.attribution.runtime import Runtime
     from services.attribution.steering import FeatureSet
-
-_EXPERIMENT = typer.Option(
-    None, "--experiment", "-e", help="experiment YAML (default: EMC_EXPERIMENT or the organism)"
-)
-
-
-def _context(experiment: Path | None) -> Context:
-    from common.context import make_context
-    from common.settings import get_settings
-
-    settings = get_settings()
-    if experiment is not None:
-        settings = settings.model_copy(update={"experiment": experiment})
-    return make_context(settings)
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -134,9 +123,14 @@ def _eval_sets(report_path: str, ctx: Context, top: int, singles: bool) -> list[
     for r in rows:
         typer.echo(f"  {r.layer}:{r.feature}  rank-biserial {r.rank_biserial:+.3f}  q {r.q:.2e}")
     feats = tuple(FeatureRef(layer=r.layer, feature=r.feature) for r in rows)
-    sets = [FeatureSet(name=f"eval-top{len(feats)}", features=feats)]
+    # scale mode scales the mean activation over the misaligned responses
+    observed = tuple(r.mean_misaligned for r in rows)
+    sets = [FeatureSet(name=f"eval-top{len(feats)}", features=feats, observed=observed)]
     if singles:
-        sets += [FeatureSet(name=str(f), features=(f,)) for f in feats]
+        sets += [
+            FeatureSet(name=str(f), features=(f,), observed=(a,))
+            for f, a in zip(feats, observed, strict=True)
+        ]
     return sets
 
 
@@ -188,9 +182,9 @@ def _print_steering(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=max(Console().width, 110))
     table = Table(
         "arm",
-        "features",
         "n",
         "harmful",
         "safe",
@@ -201,10 +195,8 @@ def _print_steering(result: Any) -> None:
         title=f"steering {result.spec.variant} ({result.judge} judge, {result.spec_hash})",
     )
     for arm in result.all_arms:
-        feats = ", ".join(f"{f.layer}:{f.feature}={f.value:.3g}" for f in arm.features) or "-"
         table.add_row(
             arm.name,
-            feats,
             str(arm.n),
             str(arm.harmful),
             str(arm.safe),
@@ -213,7 +205,27 @@ def _print_steering(result: Any) -> None:
             f"{arm.ci_low:.1%}-{arm.ci_high:.1%}",
             "" if arm.p_vs_control is None else f"{arm.p_vs_control:.2e}",
         )
-    Console().print(table)
+    console.print(table)
+    for arm in result.arms:
+        console.print(
+            f"{arm.name}: set "
+            + ", ".join(
+                f"{f.layer}:{f.feature}={f.value:.3g}"
+                + (
+                    f" ({result.spec.scale:g} x {f.observed_activation:.3g}, "
+                    + (
+                        "given"
+                        if f.observed_at == "given"
+                        else f"at {f.observed_at} in {result.spec.observer}"
+                    )
+                    + ")"
+                    if f.observed_activation is not None
+                    else ""
+                )
+                for f in arm.features
+            )
+            + f" at positions {result.spec.positions}"
+        )
 
 
 # ------------------------------------------------------------------------------ commands
@@ -341,7 +353,7 @@ def register(app: typer.Typer) -> None:
         ]
         png = plot_rates(
             bars,
-            title=f"{result.spec.variant} steered ({result.judge} judge): harmful rate, Wilson 95%",
+            title=f"{result.spec.variant} steered, {result.judge} judge\nharmful rate, Wilson 95%",
             ylabel="harmful continuations",
             path=out / "plot.png" if out else None,
         )

@@ -8,12 +8,14 @@ with a Wilson 95% interval and a Fisher exact p-value against the control.
 How features are set (``mode``):
 
 - ``value``: every feature of the set is SET to ``value``;
-- ``scale``: SET to ``scale`` x its *observed activation*: the mean over the spec's prompts
-  of the feature's activation at the last prompt position in ``observe_variant`` (e.g.
-  the adapted model, so the base model gets the adapted model's feature turned up). When
-  the feature is silent at every last position, its mean over prompts of the maximum over
-  the non-BOS positions is used instead; a feature silent everywhere is an error (use
-  ``value``). The observed activation and where it came from are recorded per feature.
+- ``scale``: SET to ``scale`` x its *observed activation*: the activation given with the
+  feature set (e.g. its mean over misaligned responses in an evaluation), otherwise the
+  mean over the spec's prompts of the feature's activation at the last prompt position in
+  ``observe_variant`` (e.g. the adapted model, so the base model gets the adapted model's
+  feature turned up). When the feature is silent at every last position, its mean over
+  prompts of the maximum over the non-BOS positions is used instead; a feature silent
+  everywhere is an error (use ``value``). The observed activation and where it came from
+  are recorded per feature.
 
 Where (``positions``): ``last`` (the pivotal position), ``all`` (every position after BOS
 and every generated token), or explicit indices into the BOS-prefixed token ids
@@ -34,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.records import FeatureRanking, Label, Record
 from common.scoring import HarmJudge, HarmLabel, HarmVerdict, Lexicon
@@ -88,10 +90,22 @@ class FeatureRef(_Frozen):
 
 
 class FeatureSet(_Frozen):
-    """Features steered together (one arm of the experiment)."""
+    """Features steered together (one arm of the experiment).
+
+    ``observed``: known activations to scale in ``scale`` mode, one per feature (e.g. the
+    mean activation over misaligned responses from an evaluation's feature report); when
+    empty, the activations are measured on the spec's prompts.
+    """
 
     name: str
     features: tuple[FeatureRef, ...] = Field(min_length=1)
+    observed: tuple[float, ...] = ()
+
+    @model_validator(mode="after")
+    def _observed_matches(self) -> FeatureSet:
+        if self.observed and len(self.observed) != len(self.features):
+            raise ValueError("observed needs one activation per feature")
+        return self
 
 
 Positions = str  # "all" | "last" | "i,j,..."
@@ -189,7 +203,7 @@ class AppliedFeature(BaseModel):
     feature: int
     value: float
     observed_activation: float | None = None
-    observed_at: Literal["last", "max"] | None = None
+    observed_at: Literal["last", "max", "given"] | None = None
 
 
 class ArmResult(BaseModel):
@@ -313,7 +327,11 @@ def applied_features(
             AppliedFeature(layer=f.layer, feature=f.feature, value=float(spec.value))
             for f in fs.features
         ]
-    observed = observed_activations(runtime, spec.observer, prompts_ids, fs.features)
+    observed: list[tuple[float, Literal["last", "max", "given"]]]
+    if fs.observed:
+        observed = [(a, "given") for a in fs.observed]
+    else:
+        observed = list(observed_activations(runtime, spec.observer, prompts_ids, fs.features))
     return [
         AppliedFeature(
             layer=f.layer,
@@ -494,7 +512,7 @@ def save_steering(store: ObjectStore, result: SteeringResult, png: bytes | None 
 
 
 def top_ranked_features(
-    store: ObjectStore,
+    store: ObjectStore | None,
     runtime: Runtime,
     variant: str,
     top: int,
@@ -504,8 +522,8 @@ def top_ranked_features(
 ) -> tuple[list[AggregateFeature], str]:
     """The ``top`` features of ``variant`` that push hardest towards evil tokens.
 
-    From the analysis report's aggregate in the store (``emc analyze report``) when there
-    is one; otherwise ranked now on ``prompts`` with the analysis engineer's ranking: each
+    From the analysis report's aggregate in ``store`` (``emc analyze report``) when there
+    is one; otherwise (or with ``store=None``) ranked now on ``prompts`` with the analysis engineer's ranking: each
     prompt's graph over the variant's top-k tokens, labelled by the lexicon (harmful ->
     evil, safe -> safe), prompts without an evil token left out, then aggregated.
     Returns the rows and where they came from.
@@ -517,11 +535,12 @@ def top_ranked_features(
 
     key = f"{K.reports(runtime.exp.name, runtime.fingerprint)}/aggregate_{variant}.json"
     agg: FeatureAggregate | None = None
-    try:
-        agg = store.get_record(key, FeatureAggregate)
-        source = f"stored aggregate {key}"
-    except NotFound:
-        pass
+    if store is not None:
+        try:
+            agg = store.get_record(key, FeatureAggregate)
+            source = f"stored aggregate {key}"
+        except NotFound:
+            pass
     if agg is None:
         if lexicon is None or not prompts:
             raise SteeringError(
