@@ -96,7 +96,6 @@ def main() -> None:
             t0 = time.perf_counter()
             bare_attribute(text, variant)
             bare.append(time.perf_counter() - t0)
-    del runtime
 
     # --- the pipeline: a real GPU worker process over Redis -------------------------------
     env = {
