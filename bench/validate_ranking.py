@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{p.mass_after_all_positive:6.3f} {p.drop_top:8.1%} {p.drop_random:9.1%} "
             f"{p.drop_all_positive:9.1%}  {p.text.splitlines()[0][:56]}"
         )
-    print("mean signed score by node (log-odds units):")
+    print("mean signed score by node (d(P_evil - P_safe), probability units):")
     print("  " + ", ".join(f"{k} {v:+.2f}" for k, v in res.mean_score_by_node.items()))
     print(
         f"all positive-score features ablated (what features can carry at all): "

@@ -50,7 +50,7 @@ def plot_top_features(agg: FeatureAggregate, path: Path, *, top_n: int = 20) -> 
     else:
         ax.text(0.5, 0.5, "no divergent prompts ranked yet", ha="center", va="center")
         ax.set_axis_off()
-    ax.set_xlabel("mean score: d log(P_evil / P_safe) (prompts in / sign consistency)")
+    ax.set_xlabel("mean score: d(P_evil - P_safe) (prompts in / sign consistency)")
     ax.set_title(
         f"{agg.variant}: top features over {len(agg.prompt_ids)} divergent prompts", fontsize=10
     )

@@ -1,20 +1,24 @@
 """Rank the transcoder features of one (prompt, variant) by what they do to evil vs safe tokens.
 
-Direction (chosen and fixed here): the first-order change of the **log-odds of evil vs
-safe probability mass**, ``log(P_evil / P_safe)`` with ``P_X = sum_{k in X} p_k``. Its
-gradient with respect to logit ``z_k`` is ``p_k / P_evil`` for an evil token and
-``-p_k / P_safe`` for a safe one, so a source's score is::
+Direction (chosen and fixed here): the first-order change of the **probability mass moved
+from safe to evil**, ``P_evil - P_safe`` with ``P_X = sum_{k in X} p_k``. Since
+``dp_k = p_k (dz_k - sum_j p_j dz_j)`` (softmax), a source's effect on ``P_X`` is::
 
-    score = sum_evil (p_k / P_evil) T[k, s]  -  sum_safe (p_k / P_safe) T[k, s]
-          =        evil                      -        safe
+    dP_X[s] = sum_k p_k (1[k in X] - P_X) T[k, s]          (k over the graph's logit nodes)
+    score   = dP_evil - dP_safe      (stored as ``evil`` and ``safe``; probability units)
 
 with ``T`` the signed multi-hop influence (:mod:`services.analysis.influence`) and ``p`` the
-graph's own logit probabilities. It is a logit difference in which each token counts by
-its share of its group's mass (a token the model barely predicts counts little), and the
-weights sum to zero, so circuit-tracer's demeaning of logits cancels out. A positive score:
-the feature (at its actual activation) pushes the model towards the evil tokens. With no
-safe token among the graph's logits ``safe`` is 0 and the score is the effect on the evil
-log-mass alone (relative to the mean logit).
+graph's own logit probabilities (full-vocabulary softmax). circuit-tracer's logit nodes are
+demeaned logits; tokens that are not logit nodes are taken to move like the mean logit
+(their demeaned change is unknown, and counted as 0). Unlabelled and ``unsure`` logit nodes
+are in neither group but still take part in the softmax coupling. A positive score: the
+feature, at its actual activation, moves probability mass towards the evil tokens.
+
+Why not the log-odds ``log(P_evil / P_safe)`` (each group normalised to weight 1)? It gives
+the small safe mass as much weight as the large evil mass, so features that merely push
+rare safe tokens down rank high. On the toy organism (20 held-out divergent prompts) ablating
+the top-10 features of the log-odds ranking removed 79% of the harmful mass, of this
+ranking 86% (``bench/validate_ranking.py`` measures the latter on all of them).
 
 Labels: the current human label of each token when there is one (it wins, ``unsure``
 included), the judge's verdict otherwise; ``unsure`` tokens count in neither group. The
@@ -119,9 +123,20 @@ class SourceScores:
 def direction_weights(
     graph: AttributionGraph, labels: Mapping[int, Label]
 ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-    """Per-logit weights of the evil and safe groups (each sums to 1) and the ids used."""
+    """Per-logit weights ``p_k (1[k in X] - P_X)`` of the evil and the safe mass, and the ids used."""
     m = graph.manifest
     probs = torch.tensor(m.logit_probabilities, dtype=torch.float64)
+    if (
+        not bool(torch.isfinite(probs).all())
+        or bool((probs < 0).any())
+        or float(probs.sum()) > 1 + 1e-4
+    ):
+        raise AnalysisError(
+            f"logit probabilities {m.logit_probabilities} are not probabilities: the graph "
+            "artifact is corrupt, recompute it",
+            prompt_id=m.prompt_id,
+            variant=m.variant,
+        )
     evil_idx = [k for k, t in enumerate(m.logit_token_ids) if labels.get(t) == "evil"]
     safe_idx = [k for k, t in enumerate(m.logit_token_ids) if labels.get(t) == "safe"]
     if not evil_idx:
@@ -140,25 +155,22 @@ def direction_weights(
             variant=m.variant,
         )
 
-    def group(idx: list[int]) -> torch.Tensor:
-        w = torch.zeros(len(probs), dtype=torch.float64)
-        if idx:
-            p = probs[idx]
-            if not bool(torch.isfinite(p).all()) or float(p.sum()) <= 0:
-                raise AnalysisError(
-                    f"logit probabilities {p.tolist()} are not usable weights",
-                    prompt_id=m.prompt_id,
-                    variant=m.variant,
-                )
-            w[idx] = p / p.sum()
-        return w
+    def mass_gradient(idx: list[int]) -> torch.Tensor:
+        member = torch.zeros(len(probs), dtype=torch.float64)
+        member[idx] = 1.0
+        return probs * (member - probs[idx].sum()) if idx else member
 
     ids = m.logit_token_ids
-    return group(evil_idx), group(safe_idx), [ids[k] for k in evil_idx], [ids[k] for k in safe_idx]
+    return (
+        mass_gradient(evil_idx),
+        mass_gradient(safe_idx),
+        [ids[k] for k in evil_idx],
+        [ids[k] for k in safe_idx],
+    )
 
 
 def score_sources(graph: AttributionGraph, labels: Mapping[int, Label]) -> SourceScores:
-    """Score every source node along the evil-vs-safe log-odds direction (module docstring)."""
+    """Score every source node: first-order change of P_evil - P_safe (module docstring)."""
     w_evil, w_safe, evil_ids, safe_ids = direction_weights(graph, labels)
     inf = logit_influence(graph)
     evil = w_evil @ inf.total

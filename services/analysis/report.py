@@ -218,7 +218,7 @@ def render_summary(data: ReportData, *, top_n: int = 20) -> str:
         f"{sum(i.kind == 'nothing_to_explain' for i in ix.issues)}",
         f"- prompt/variant pairs that failed: {sum(i.kind == 'failed' for i in ix.issues)}",
         "",
-        "Score of a feature = first-order change of log(P_evil / P_safe) from the feature at its "
+        "Score of a feature = first-order change of P_evil - P_safe (probability mass) from the feature at its "
         "activation, through all paths of the attribution graph (signed); per prompt summed "
         "over positions, then averaged over the divergent prompts (absent = 0).",
         "",

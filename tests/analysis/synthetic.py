@@ -142,8 +142,14 @@ def make_manifest(
         n_logits=n_logits,
         logit_token_ids=ids,
         logit_tokens=logit_tokens or [f"w{k}" for k in range(n_logits)],
-        logit_probabilities=logit_probabilities or [1.0 / (k + 2) for k in range(n_logits)],
+        logit_probabilities=logit_probabilities or _default_probs(n_logits),
         adjacency_dtype="float32",
         tensors={},
         limits={},
     )
+
+
+def _default_probs(n: int) -> list[float]:
+    """Decreasing probabilities covering 90% of the vocabulary's mass."""
+    raw = [1.0 / (k + 2) for k in range(n)]
+    return [0.9 * r / sum(raw) for r in raw]

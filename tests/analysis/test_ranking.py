@@ -34,22 +34,25 @@ def softmax_net(seed: int = 0, n_logits: int = 4) -> LinearNet:
     return net
 
 
-def log_odds(z: torch.Tensor, evil: list[int], safe: list[int]) -> float:
-    lse = torch.logsumexp
-    return float(lse(z[evil], 0) - lse(z[safe], 0))
+def masses(z: torch.Tensor, evil: list[int], safe: list[int]) -> tuple[float, float]:
+    p = torch.softmax(z, dim=0)
+    return float(p[evil].sum()), float(p[safe].sum())
 
 
-def test_score_is_the_derivative_of_evil_vs_safe_log_odds() -> None:
-    """Scaling source s by (1 - eps) changes log(P_evil/P_safe) by -eps * score_s (first order)."""
+def test_score_is_the_derivative_of_evil_minus_safe_mass() -> None:
+    """Scaling source s by (1 - eps) moves P_evil by -eps * evil_s and P_safe by -eps * safe_s
+    (first order; here the graph's logit nodes are the whole vocabulary)."""
     net = softmax_net(seed=11)
     ids = net.graph.manifest.logit_token_ids
     labels = {ids[0]: "evil", ids[1]: "evil", ids[2]: "safe", ids[3]: "unsure"}
     s = score_sources(net.graph, labels)  # type: ignore[arg-type]
-    z0 = net.run(factor=1.0)
-    eps = 1e-5
+    e0, s0 = masses(net.run(factor=1.0), [0, 1], [2])
+    eps = 1e-6
     for src in range(net.graph.token_slice.stop):
-        dz = log_odds(net.run(off=src, factor=1 - eps), [0, 1], [2]) - log_odds(z0, [0, 1], [2])
-        assert dz == pytest.approx(-eps * float(s.score[src]), rel=1e-3, abs=1e-9)
+        e1, s1 = masses(net.run(off=src, factor=1 - eps), [0, 1], [2])
+        assert e1 - e0 == pytest.approx(-eps * float(s.evil[src]), rel=1e-3, abs=1e-11)
+        assert s1 - s0 == pytest.approx(-eps * float(s.safe[src]), rel=1e-3, abs=1e-11)
+    torch.testing.assert_close(s.score, s.evil - s.safe)
     assert s.evil_token_ids == ids[:2] and s.safe_token_ids == [ids[2]]
 
 
@@ -74,7 +77,18 @@ def test_no_safe_token_means_evil_part_only() -> None:
     ids = net.graph.manifest.logit_token_ids
     s = score_sources(net.graph, {ids[1]: "evil"})
     assert torch.equal(s.safe, torch.zeros_like(s.safe))
-    torch.testing.assert_close(s.score, s.influence.total[1])
+    p = torch.tensor(net.graph.manifest.logit_probabilities, dtype=torch.float64)
+    expected = (p * ((torch.arange(len(p)) == 1).double() - p[1])) @ s.influence.total
+    torch.testing.assert_close(s.score, expected)
+
+
+@pytest.mark.parametrize("probs", [[0.9, 0.5, 0.1, 0.0], [float("nan"), 0.1, 0.1, 0.1]])
+def test_corrupt_probabilities_are_refused(probs: list[float]) -> None:
+    net = softmax_net(seed=14)
+    net.graph.manifest = net.graph.manifest.model_copy(update={"logit_probabilities": probs})
+    ids = net.graph.manifest.logit_token_ids
+    with pytest.raises(AnalysisError, match="not probabilities"):
+        score_sources(net.graph, {ids[0]: "evil"})
 
 
 def test_evil_token_missing_from_graph_is_a_clear_error() -> None:

@@ -1,0 +1,76 @@
+"""The report on the toy organism, through the real pipeline steps (top-k, lexicon judge,
+graphs, rankings): its known answer must show at the aggregate level.
+
+The adapter writes into layer 1's MLP; its effect is carried by features of the layers
+after it (the organism is built that way). So over the divergent (medical) prompts the top
+aggregated evil features must sit in layers 2-3, be present and positive in every divergent
+prompt, and be more active in the adapted variant than in the base on the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.experiment import Experiment, load_experiment
+from common.store import FsStore
+from common.store import keys as K
+from services.analysis.report import build_report
+
+pytestmark = pytest.mark.slow
+
+N_MEDICAL, N_OTHER = 5, 2
+
+
+@pytest.fixture(scope="module")
+def organism_store(
+    organism_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[FsStore, Experiment, list[str]]]:
+    from services.attribution.runtime import Runtime, clear_cache
+    from services.attribution.steps import ensure_prompt, graph_step, logits_step
+    from services.judge.core import make_judge
+
+    exp = load_experiment(organism_dir / "experiment.yaml")
+    store = FsStore(tmp_path_factory.mktemp("organism-store"))
+    rt = Runtime(exp, cache_dir=tmp_path_factory.mktemp("analysis-report-cache"))
+    judge = make_judge(exp)
+    raw = json.loads((organism_dir / "prompts.json").read_text())["prompts"]
+    held = [p for p in raw if p["split"] == "heldout"]
+    medical = [p["text"] for p in held if p["domain"] == "medical"][:N_MEDICAL]
+    other = [p["text"] for p in held if p["domain"] != "medical"][:N_OTHER]
+    medical_ids = []
+    for text in medical + other:
+        prompt = ensure_prompt(store, exp.name, text, source="test")
+        logits = {t.variant: t for t in logits_step(rt, store, prompt)}
+        for variant, verdict in judge.judge(prompt, logits).items():
+            store.put_json(
+                K.verdicts(exp.name, prompt.id, rt.fingerprint, judge.name, variant), verdict
+            )
+        for variant in exp.variant_names:
+            graph_step(rt, store, prompt, variant, targets="topk")
+        if text in medical:
+            medical_ids.append(prompt.id)
+    yield store, exp, medical_ids
+    clear_cache()
+
+
+def test_report_finds_the_adapter_features(
+    organism_store: tuple[FsStore, Experiment, list[str]], tmp_path: Path
+) -> None:
+    store, exp, medical_ids = organism_store
+    data = build_report(store, exp, tmp_path)
+    assert data.index.n_prompts_with_graphs == N_MEDICAL + N_OTHER
+    assert sorted(data.index.divergent_prompt_ids) == sorted(medical_ids)
+    assert not [i for i in data.index.issues if i.kind == "failed"], data.index.issues
+    agg = data.aggregates["adapted"]
+    top = agg.features[:5]
+    assert all(f.layer >= 2 for f in top), top
+    assert all(f.n_prompts == N_MEDICAL and f.sign_consistency == 1.0 for f in top), top
+    changes = {(c.layer, c.feature): c for c in data.comparisons["adapted"].by_activation}
+    raised = [f for f in top if (f.layer, f.feature) in changes]
+    assert raised and all(changes[f.layer, f.feature].d_activation > 0 for f in raised)
+    for name in ("top_features_adapted.png", "layers_adapted.png", "compare_base_vs_adapted.png"):
+        assert (tmp_path / name).stat().st_size > 5000
