@@ -411,8 +411,11 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", help="also write the report files here"),
         experiment: Path | None = _EXPERIMENT,
     ) -> None:
-        """EM evaluation: answers at temperature 1, aligned/coherent 0-100, % misaligned &
-        coherent per question and model. Resumes: answers already stored are not redone."""
+        """EM evaluation: % misaligned-and-coherent answers per question and model.
+
+        Answers are sampled at --temperature (1 as in the paper), scored aligned and
+        coherent 0-100, and stored one by one: a rerun resumes where it stopped.
+        """
         from rich.console import Console
         from rich.table import Table
         from tqdm import tqdm

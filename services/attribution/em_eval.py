@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.records import Record
 from common.scoring import EmScorer, JudgeScore
 from common.store import ObjectStore
+from common.store.base import dumps
 from services.attribution.steering import (
     AppliedFeature,
     Positions,
@@ -384,8 +385,6 @@ def run_eval(
                 coherent=scores[2 * k + 1],
                 scorer=scorer.scorer_id,
             )
-            from common.store.base import dumps
-
             if store.put_new(t.key, dumps(record)):
                 state.sampled += 1
             else:

@@ -4,7 +4,6 @@ scorer and with a real OpenAI-compatible judge (local scripted server), response
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +29,10 @@ from services.attribution.em_eval import (
     runtime_sampler,
 )
 from services.attribution.steering import top_ranked_features
-from tests.fakes.openai_server import FakeOpenAIServer, Reply, openai_server  # noqa: F401
-from tests.steering.toy_env import eval_app, medical_heldout, toy_exp, toy_home, toy_rt  # noqa: F401
+from tests.fakes.openai_server import FakeOpenAIServer, Reply
+from tests.steering.toy_env import medical_heldout
 
 pytestmark = pytest.mark.slow
-
-SHARED = (
-    Path(__file__).resolve().parents[3]
-    / "shared"
-    / "data"
-    / "em-eval"
-    / "first_plot_questions.yaml"
-)
-
-
-@pytest.fixture
-def paper_questions(tmp_path: Path) -> Path:
-    if not SHARED.is_file():
-        pytest.fail(f"{SHARED} is missing: the EM tests need the paper's questions file")
-    return Path(shutil.copy(SHARED, tmp_path / "questions.yaml"))
 
 
 @pytest.fixture
@@ -109,7 +93,7 @@ class Interrupted(Exception):
 
 
 def test_eval_resumes_after_interruption(
-    toy_rt: Any,  # noqa: F811
+    toy_rt: Any,
     organism_dir: Path,
     paper_questions: Path,
     tmp_path: Path,
@@ -156,9 +140,9 @@ def test_eval_resumes_after_interruption(
 
 
 def test_cli_eval_offline_with_steered_model(
-    eval_app: typer.Typer,  # noqa: F811
-    toy_home: Path,  # noqa: F811
-    toy_rt: Any,  # noqa: F811
+    eval_app: typer.Typer,
+    toy_home: Path,
+    toy_rt: Any,
     organism_dir: Path,
     paper_questions: Path,
     tmp_path: Path,
@@ -233,12 +217,12 @@ def _judge(body: dict[str, Any]) -> Reply:
 
 
 def test_cli_eval_with_openai_judge(
-    eval_app: typer.Typer,  # noqa: F811
-    toy_home: Path,  # noqa: F811
+    eval_app: typer.Typer,
+    toy_home: Path,
     paper_questions: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    openai_server: FakeOpenAIServer,  # noqa: F811
+    openai_server: FakeOpenAIServer,
 ) -> None:
     from common.settings import get_settings
 
@@ -296,9 +280,9 @@ def test_cli_eval_with_openai_judge(
 
 
 def test_response_features_and_steer_from_eval(
-    eval_app: typer.Typer,  # noqa: F811
-    toy_home: Path,  # noqa: F811
-    toy_rt: Any,  # noqa: F811
+    eval_app: typer.Typer,
+    toy_home: Path,
+    toy_rt: Any,
     organism_dir: Path,
     toy_questions: Path,
     tmp_path: Path,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,25 +17,9 @@ from services.analysis.em_report import (
 )
 from services.attribution.em_eval import EmAnswer, EvalError, load_questions
 
-SHARED = (
-    Path(__file__).resolve().parents[3]
-    / "shared"
-    / "data"
-    / "em-eval"
-    / "first_plot_questions.yaml"
-)
 
-
-@pytest.fixture
-def questions_file(tmp_path: Path) -> Path:
-    """A copy of the paper's questions (the project never reads the shared path at run time)."""
-    if not SHARED.is_file():
-        pytest.fail(f"{SHARED} is missing: the EM tests need the paper's questions file")
-    return Path(shutil.copy(SHARED, tmp_path / "questions.yaml"))
-
-
-def test_load_paper_questions(questions_file: Path) -> None:
-    qs = load_questions(questions_file)
+def test_load_paper_questions(paper_questions: Path) -> None:
+    qs = load_questions(paper_questions)
     assert len(qs) == 24 and qs[0].id == "what_is_your_wish"
     assert {"aligned", "coherent"} <= set(qs[0].judge_prompts)
     assert (
@@ -47,10 +30,10 @@ def test_load_paper_questions(questions_file: Path) -> None:
     assert js.system and "JSON" in js.system
     assert js.paraphrases == {q.id: q for q in qs}["quick_buck"].paraphrases
     assert js.digest != {q.id: q for q in qs}["quick_buck"].digest  # system prompt differs
-    two = load_questions(questions_file, ["i_feel_bored", "quick_buck"])
+    two = load_questions(paper_questions, ["i_feel_bored", "quick_buck"])
     assert [q.id for q in two] == ["i_feel_bored", "quick_buck"]
     with pytest.raises(EvalError, match="not in"):
-        load_questions(questions_file, ["nope"])
+        load_questions(paper_questions, ["nope"])
 
 
 def test_bad_question_files(tmp_path: Path) -> None:

@@ -22,14 +22,14 @@ from services.attribution.steering import (
     run_steering,
     top_ranked_features,
 )
-from tests.steering.toy_env import eval_app, medical_heldout, toy_exp, toy_home, toy_rt  # noqa: F401
+from tests.steering.toy_env import medical_heldout
 
 pytestmark = pytest.mark.slow
 
 
 def test_cli_steer_from_ranking_raises_base_harmful_rate(
-    eval_app: typer.Typer,  # noqa: F811
-    toy_home: Path,  # noqa: F811
+    eval_app: typer.Typer,
+    toy_home: Path,
     tmp_path: Path,
 ) -> None:
     """Acceptance: steer BASE with the adapted model's top-5 ranked features at 15x their
@@ -84,7 +84,7 @@ def test_cli_steer_from_ranking_raises_base_harmful_rate(
 
 
 def test_run_steering_pairs_seeds_and_isolates_the_intervention(
-    toy_rt: Any,  # noqa: F811
+    toy_rt: Any,
     organism_dir: Path,
 ) -> None:
     prompts = medical_heldout(organism_dir, 2)

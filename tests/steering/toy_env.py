@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,22 @@ import typer
 
 from common.experiment import Experiment, load_experiment
 from common.settings import get_settings
+
+SHARED_QUESTIONS = (
+    Path(__file__).resolve().parents[3]
+    / "shared"
+    / "data"
+    / "em-eval"
+    / "first_plot_questions.yaml"
+)
+
+
+@pytest.fixture
+def paper_questions(tmp_path: Path) -> Path:
+    """A copy of the EM paper's questions (the project never reads the shared path at run time)."""
+    if not SHARED_QUESTIONS.is_file():
+        pytest.fail(f"{SHARED_QUESTIONS} is missing: the EM tests need the paper's questions file")
+    return Path(shutil.copy(SHARED_QUESTIONS, tmp_path / "questions.yaml"))
 
 
 def medical_heldout(organism_dir: Path, k: int) -> list[str]:

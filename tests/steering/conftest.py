@@ -1,0 +1,3 @@
+"""Fixtures of the steering tests (defined in toy_env, shared with tests/em_eval)."""
+
+from tests.steering.toy_env import eval_app, paper_questions, toy_exp, toy_home, toy_rt  # noqa: F401
