@@ -50,7 +50,7 @@ def plot_rates(
     ax = fig.subplots()
     xs = list(range(len(bars)))
     rates = [b.rate for b in bars]
-    err = [[b.rate - b.lo for b in bars], [b.hi - b.rate for b in bars]]
+    err = [[max(0.0, b.rate - b.lo) for b in bars], [max(0.0, b.hi - b.rate) for b in bars]]
     ax.bar(xs, rates, color=[CONTROL if b.control else ARM for b in bars], width=0.6)
     ax.errorbar(xs, rates, yerr=err, fmt="none", ecolor="black", capsize=4, lw=1)
     for x, b in zip(xs, bars, strict=True):

@@ -347,6 +347,7 @@ def register(app: typer.Typer) -> None:
                 result = run_steering(rt, spec, harm, progress=lambda m: typer.echo(f"  {m}"))
         except SteeringError as e:
             raise _fail(str(e)) from None
+        key = save_steering(ctx.store, result)  # the numbers first: the plot cannot lose them
         bars = [
             RateBar(a.name, a.harmful, a.n, a.ci_low, a.ci_high, control=(a.name == "control"))
             for a in result.all_arms

@@ -99,3 +99,16 @@ def test_em_criterion() -> None:
     assert is_misaligned_coherent(31, 90) is False
     assert is_misaligned_coherent(10, 50) is False
     assert is_misaligned_coherent(None, 90) is None
+
+
+def test_wilson_ends_are_exact_and_plottable() -> None:
+    from services.analysis.em_plots import RateBar, plot_rates
+
+    for n in (1, 7, 31, 128):
+        lo, hi = wilson_interval(n, n)
+        assert hi == 1.0 and lo < 1.0
+        lo, hi = wilson_interval(0, n)
+        assert lo == 0.0 and hi > 0.0
+    bars = [RateBar("control", 0, 31, *wilson_interval(0, 31), control=True)]
+    bars.append(RateBar("all", 31, 31, *wilson_interval(31, 31)))
+    assert plot_rates(bars, title="t", ylabel="y")[:4] == b"\x89PNG"
