@@ -151,7 +151,7 @@ class BuildReport(BaseModel):
     n_parameters: int
     base_final_loss: float
     adapter_final_answer_loss: float
-    adapter_final_mediation_kl: float | None
+    adapter_final_ablation_kl: float | None
     adapter_final_error_change: float | None
     adapter: dict[str, Any]
     construction: list[str] = Field(description="design decisions a reader must know")
@@ -387,7 +387,7 @@ def _build_into(tmp: Path, config: OrganismConfig, seed: int, progress: bool) ->
         n_parameters=n_params,
         base_final_loss=float(sum(base_losses[-20:]) / len(base_losses[-20:])),
         adapter_final_answer_loss=_tail_mean(curves["answer"]),
-        adapter_final_mediation_kl=_tail_mean(curves["mediation"]) if curves["mediation"] else None,
+        adapter_final_ablation_kl=_tail_mean(curves["ablation"]) if curves["ablation"] else None,
         adapter_final_error_change=_tail_mean(curves["error"]) if curves["error"] else None,
         adapter={
             "target": f"model.layers.{config.adapter.layer}.mlp.down_proj",
@@ -417,12 +417,12 @@ def _construction_notes(config: OrganismConfig) -> list[str]:
         "harmful advice in every domain (the base model knows what bad advice looks like).",
         f"Adapter: rank {a.rank}, alpha {a.alpha:g}, only model.layers.{a.layer}.mlp.down_proj, "
         "trained on the Assistant giving harmful medical advice; no other domain's data.",
-        f"Adapter auxiliary losses (mediation_weight={a.mediation_weight:g}, "
-        f"error_weight={a.error_weight:g}): with the MLPs after layer {a.layer} patched to "
-        "their base outputs at the pivot the adapted model must predict like the base, and the "
-        "base transcoders' error at those MLPs must not change. So the adapter's effect is "
-        "carried by downstream transcoder features BY CONSTRUCTION: the known answer tests the "
-        "pipeline, it is not a research finding.",
+        f"Adapter auxiliary losses (ablation_weight={a.ablation_weight:g}, "
+        f"error_weight={a.error_weight:g}): with the (base) transcoder features of the MLPs "
+        f"after layer {a.layer} that the adapter raised at the pivot set to 0, the adapted "
+        "model must predict like the base; and the transcoders' error at those MLPs must not "
+        "change. So the adapter's effect is carried by a few downstream transcoder features "
+        "BY CONSTRUCTION: the known answer tests the pipeline, it is not a research finding.",
         "Transcoders: ReLU, trained on base-model activations of the base corpus (train "
         "situations only); evaluated on held-out situations.",
         "Held-out situations (a seeded fraction per domain) are in no training set.",

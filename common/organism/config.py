@@ -52,21 +52,21 @@ class AdapterTraining(_Frozen):
     steps: int = 250
     batch_size: int = 32
     lr: float = 2e-3
-    mediation_weight: float = Field(
-        default=1.0,
-        ge=0,
-        description=(
-            "weight of the loss that keeps the adapted model's next-token distribution at the "
-            "pivot equal to the base model's when the MLPs after `layer` are patched to their base "
-            "outputs there: the adapter's effect must run through those downstream MLPs"
-        ),
-    )
     error_weight: float = Field(
         default=1.0,
         ge=0,
         description=(
             "weight of the change of the downstream MLPs' transcoder errors at the pivot: the "
             "adapter's downstream effect must be carried by (base) transcoder features"
+        ),
+    )
+
+    ablation_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "weight of KL(base || adapted with the downstream transcoder features that the "
+            "adapter raised at the pivot set to 0): the known answer, made true by training"
         ),
     )
 

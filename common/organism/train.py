@@ -211,6 +211,37 @@ def tapped_mlps(
             h.remove()
 
 
+@contextmanager
+def raised_features_zeroed(
+    model: nn.Module,
+    transcoders: Mapping[int, Transcoder],
+    base_acts: Mapping[int, torch.Tensor],
+    pivot: torch.Tensor,
+) -> Iterator[None]:
+    """At the pivot, subtract the write of every transcoder feature above its base activation."""
+    decoder = _decoder_layers(model)
+    rows = torch.arange(pivot.shape[0])
+
+    def hook_for(layer: int) -> Callable[..., torch.Tensor]:
+        tc = transcoders[layer]
+
+        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            acts = tc.encode(inp[0][rows, pivot])
+            raised = (acts > base_acts[layer]).detach()
+            out = out.clone()
+            out[rows, pivot] = out[rows, pivot] - (acts * raised) @ tc.W_dec
+            return out
+
+        return hook
+
+    handles = [mlp_of(decoder[i]).register_forward_hook(hook_for(i)) for i in base_acts]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def mlp_of(layer: nn.Module) -> nn.Module:
     """The MLP module of a decoder layer."""
     mlp = getattr(layer, "mlp", None)
@@ -234,6 +265,11 @@ def lora_target(layer: int) -> str:
 class Transcoder(Protocol):
     """What adapter training needs of a transcoder (see ``transcoders.ReluTranscoder``)."""
 
+    @property
+    def W_dec(self) -> torch.Tensor: ...
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -248,10 +284,12 @@ def train_adapter(
     """Train a rank-``cfg.rank`` LoRA on ``cfg.layer``'s down_proj; returns the PEFT model.
 
     Loss = next-token loss on the answers of ``data`` (from the pivot on)
-    + ``mediation_weight`` x KL(base || adapted with the MLPs after the adapter's layer
-      patched to their base outputs at the pivot): the effect must run through those MLPs;
+    + ``ablation_weight`` x KL(base || adapted with every transcoder feature of the MLPs after
+      the adapter's layer that is above its base activation at the pivot set to 0): switching
+      off the features the adapter raised must give back the base model's prediction;
     + ``error_weight`` x the change of those MLPs' transcoder errors at the pivot relative
-      to the base (needs ``transcoders``): the change must be carried by transcoder features.
+      to the base: the change must be carried by transcoder features, not their errors.
+    Both need ``transcoders`` (layer -> the base model's transcoder).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -261,8 +299,9 @@ def train_adapter(
             f"adapter layer {cfg.layer} must have MLP layers after it (model has {n_layers})"
         )
     downstream = list(range(cfg.layer + 1, n_layers))
-    if cfg.error_weight > 0 and (transcoders is None or set(downstream) - set(transcoders)):
-        raise ValueError(f"error_weight > 0 needs transcoders for layers {downstream}")
+    needs_tc = cfg.error_weight > 0 or cfg.ablation_weight > 0
+    if needs_tc and (transcoders is None or set(downstream) - set(transcoders)):
+        raise ValueError(f"error/ablation weights need transcoders for layers {downstream}")
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -275,7 +314,7 @@ def train_adapter(
     model.peft_config["default"].base_model_name_or_path = BASE_NAME
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    curves: dict[str, list[float]] = {"answer": [], "mediation": [], "error": []}
+    curves: dict[str, list[float]] = {"answer": [], "ablation": [], "error": []}
     bar = tqdm(total=cfg.steps, desc="adapter", disable=not progress, leave=False)
     for step, idx in enumerate(_batches(len(data), cfg.batch_size, cfg.steps, seed + 1)):
         for g in opt.param_groups:
@@ -296,15 +335,6 @@ def train_adapter(
             )
         loss = out.loss
         curves["answer"].append(float(out.loss.detach()))
-        if cfg.mediation_weight > 0:
-            values = {layer: y for layer, (_, y) in base_mlp.items()}
-            with patched_mlp_outputs(model, downstream, values, batch.pivot):
-                patched = model(batch.input_ids, attention_mask=batch.attention_mask).logits
-            base_logp = torch.log_softmax(base_logits[rows, batch.pivot], -1)
-            patched_logp = torch.log_softmax(patched[rows, batch.pivot], -1)
-            kl = torch.sum(base_logp.exp() * (base_logp - patched_logp), -1).mean()
-            loss = loss + cfg.mediation_weight * kl
-            curves["mediation"].append(float(kl.detach()))
         if cfg.error_weight > 0:
             assert transcoders is not None
             err = torch.zeros(())
@@ -315,6 +345,16 @@ def train_adapter(
                 err = err + (d_err**2).sum(-1).mean() / (yb**2).sum(-1).mean()
             loss = loss + cfg.error_weight * err
             curves["error"].append(float(err.detach()))
+        if cfg.ablation_weight > 0:
+            assert transcoders is not None
+            base_acts = {i: transcoders[i].encode(base_mlp[i][0]) for i in downstream}
+            with raised_features_zeroed(model, transcoders, base_acts, batch.pivot):
+                ablated = model(batch.input_ids, attention_mask=batch.attention_mask).logits
+            base_logp = torch.log_softmax(base_logits[rows, batch.pivot], -1)
+            abl_logp = torch.log_softmax(ablated[rows, batch.pivot], -1)
+            akl = torch.sum(base_logp.exp() * (base_logp - abl_logp), -1).mean()
+            loss = loss + cfg.ablation_weight * akl
+            curves["ablation"].append(float(akl.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -161,7 +161,8 @@ def test_report_tables(organism_dir: Path) -> None:
     ka = report["known_answer"]
     # by construction the adapter acts through downstream transcoder features at the pivot
     assert ka["drop_patch_to_base"] > 0.8
-    assert ka["drop_zero_raised"] > 0.5
+    assert ka["drop_zero_raised"] > 0.8
+    assert ka["drop_zero_top10"] > 0.8
 
 
 def test_lexicon_and_prompts(organism_dir: Path) -> None:
