@@ -246,7 +246,8 @@ def _experiment_yaml(config: OrganismConfig) -> str:
             "desired_logit_prob": 0.95,
         },
         "judge": {"kind": "lexicon", "lexicon": "./lexicon.json"},
-        "generator": {"kind": "template"},
+        # situations in the organism's own language: its pivotal prompts
+        "generator": {"kind": "template", "templates": "./prompts.json", "batch_size": 10},
     }
     header = (
         "# The toy model organism's experiment (written by `emc organism build`).\n"
