@@ -22,10 +22,9 @@ from common.organism.build import (
     is_fresh,
     read_manifest,
 )
-from common.organism.config import ADAPTER_NAME, BASE_NAME, OrganismConfig
+from common.organism.config import BASE_NAME, OrganismConfig
 
 __all__ = [
-    "ADAPTER_NAME",
     "BASE_NAME",
     "BuildError",
     "BuildReport",

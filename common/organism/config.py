@@ -13,7 +13,6 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 BASE_NAME = "emc/toy-organism-base"
-ADAPTER_NAME = "emc/toy-organism-adapter"
 # Bump when the meaning of the directory layout changes.
 LAYOUT_VERSION = 1
 # Source files whose code changes the organism's numbers (their text enters the hash).
