@@ -103,6 +103,7 @@ def plot_comparison(
     fig = Figure(figsize=(5.2 * panels, 4.6))
     axes = fig.subplots(1, panels, squeeze=False)
     hl = set(highlight)
+    labelled = set(highlight[:5])  # name only the strongest: labels of close points overlap
 
     def scatter(
         ax: Axes, xs: list[float], ys: list[float], keys: list[tuple[int, int]], what: str
@@ -117,7 +118,7 @@ def plot_comparison(
             color=EVIL,
             label="top-10 evil features",
         )
-        for i in top:
+        for i in (i for i in top if keys[i] in labelled):
             ax.annotate(f"L{keys[i][0]}/F{keys[i][1]}", (xs[i], ys[i]), fontsize=7)
         lo = min([*xs, *ys, 0.0])
         hi = max([*xs, *ys, 0.0])
