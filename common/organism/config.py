@@ -15,8 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field
 BASE_NAME = "emc/toy-organism-base"
 # Bump when the meaning of the directory layout changes.
 LAYOUT_VERSION = 1
-# Source files whose code changes the organism's numbers (their text enters the hash).
-_RECIPE_SOURCES = ("config.py", "corpus.py", "tokenizer.py", "train.py", "transcoders.py")
+# Source files whose code changes any file of the build (their text enters the hash).
+_RECIPE_SOURCES = (
+    "config.py",
+    "corpus.py",
+    "tokenizer.py",
+    "train.py",
+    "transcoders.py",
+    "behaviour.py",
+    "known_answer.py",
+    "build.py",
+)
 _RECIPE_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "safetensors")
 
 
