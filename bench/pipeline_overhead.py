@@ -134,9 +134,12 @@ def main() -> None:
 
         def graphs(pids: list[str]) -> list[str]:
             send_all(
-                Next("emc.gpu.graph", {"exp": exp.name, "prompt_id": p, "variant": v})
-                for p in pids
-                for v in exp.variant_names
+                ctx,
+                (
+                    Next("emc.gpu.graph", {"exp": exp.name, "prompt_id": p, "variant": v})
+                    for p in pids
+                    for v in exp.variant_names
+                ),
             )
             return [K.graph_manifest(exp.name, p, fp, v) for p in pids for v in exp.variant_names]
 
@@ -153,7 +156,7 @@ def main() -> None:
         mem_pids = submit(mem_texts)
         rss = {}
         for i, pid in enumerate(mem_pids, 1):
-            send_all([Next("emc.gpu.logits", {"exp": exp.name, "prompt_id": pid})])
+            send_all(ctx, [Next("emc.gpu.logits", {"exp": exp.name, "prompt_id": pid})])
             wait(graphs([pid]), f"prompt {i}")
             if i in (5, len(mem_pids)):
                 rss[i] = rss_mb(proc.pid)

@@ -17,6 +17,7 @@ from common.store import ObjectStore, open_store
 
 if TYPE_CHECKING:
     import redis
+    from celery import Celery
 
     from common.review_queue import ReviewQueue
 
@@ -48,6 +49,13 @@ class Context:
         from common.broker import broker_url
 
         return redis_lib.Redis.from_url(broker_url(self.settings), decode_responses=True)
+
+    @cached_property
+    def celery(self) -> Celery:
+        """A Celery app on this context's broker, for sending the next steps."""
+        from common.celery_app import make_app
+
+        return make_app(self.settings)
 
     @cached_property
     def queue(self) -> ReviewQueue:

@@ -185,7 +185,8 @@ def step_graph(ctx: Context, runtime: Runtime, pid: str, variant: str) -> list[N
     from services.attribution.steps import graph_step
 
     if not graph_exists(ctx.store, ctx.exp.name, pid, ctx.fingerprint, variant):
-        graph_step(runtime, ctx.store, load_prompt(ctx, pid), variant)
+        # the stored top-k are the logit nodes: every judged or labeled token can be explained
+        graph_step(runtime, ctx.store, load_prompt(ctx, pid), variant, targets="topk")
     if not graphs_done(ctx, pid):
         return []
     ctx.queue.set_status(pid, Status.graphed)
@@ -194,13 +195,18 @@ def step_graph(ctx: Context, runtime: Runtime, pid: str, variant: str) -> list[N
 
 def step_rank(ctx: Context, pid: str) -> list[Next]:
     """Feature rankings of every variant (cached by labels version); needs every graph."""
+    from services.analysis.errors import NothingToExplain
     from services.analysis.ranking import rank_prompt
 
     if not graphs_done(ctx, pid):
         log.info("prompt %s: graphs not all there yet; analysis waits for the last one", pid)
         return []
     for variant in ctx.exp.variant_names:
-        rank_prompt(ctx.store, ctx.exp, pid, variant, fingerprint=ctx.fingerprint)
+        try:
+            rank_prompt(ctx.store, ctx.exp, pid, variant, fingerprint=ctx.fingerprint)
+        except NothingToExplain as e:
+            # e.g. the reference variant has no evil token: a finding, not a failure
+            log.info("prompt %s/%s: no ranking: %s", pid, variant, e.reason)
     ctx.queue.set_status(pid, Status.analyzed)
     return []
 
@@ -270,7 +276,8 @@ def derive_state(ctx: Context, pid: str) -> PromptState:
             for v in exp.variant_names
         ),
         "graphs": all(K.graph_manifest(exp.name, pid, fp, v) in present for v in exp.variant_names),
-        "features": all(K.features(exp.name, pid, fp, v) in present for v in exp.variant_names),
+        # the reference variant often has nothing to explain, hence any
+        "features": any(K.features(exp.name, pid, fp, v) in present for v in exp.variant_names),
     }
     if not has["logits"]:
         return PromptState(Status.generated)
@@ -361,12 +368,10 @@ def wait_final(
 # ----------------------------------------------------------------------------- Celery shells
 
 
-def send_all(nexts: Iterable[Next]) -> None:
-    """Enqueue steps by task name (never waiting on their results)."""
-    from common.celery_app import app
-
+def send_all(ctx: Context, nexts: Iterable[Next]) -> None:
+    """Enqueue steps by task name on the context's broker (never waiting on results)."""
     for nxt in nexts:
-        app.send_task(nxt.task, kwargs=nxt.kwargs)
+        ctx.celery.send_task(nxt.task, kwargs=nxt.kwargs)
 
 
 def is_transient(err: BaseException) -> bool:
@@ -415,5 +420,5 @@ def task_step(
         what = "gave up after retries" if is_transient(e) else "unexpected error"
         record_failure(ctx, PromptFailure(step_name, f"{what}: {type(e).__name__}: {e}"), pid)
         return 0
-    send_all(nexts)
+    send_all(ctx, nexts)
     return len(nexts)

@@ -64,8 +64,11 @@ def mine_batch(
             tasks = math.ceil(missing / chunk)
             sizes = [min(chunk, missing - i * chunk) for i in range(tasks)]
             send_all(
-                Next("emc.generate.batch", {"exp": ctx.exp.name, "n": s, "batch": batch})
-                for s in sizes
+                ctx,
+                (
+                    Next("emc.generate.batch", {"exp": ctx.exp.name, "n": s, "batch": batch})
+                    for s in sizes
+                ),
             )
             asked_tasks += tasks
             while answers < asked_tasks and time.monotonic() < deadline:

@@ -217,7 +217,7 @@ def test_end_to_end_s3_scripted_llm(
         if status == Status.analyzed:
             for v in ctx.exp.variant_names:
                 assert store.exists(K.graph_manifest(ctx.exp.name, pid, ctx.fingerprint, v))
-                assert store.exists(K.features(ctx.exp.name, pid, ctx.fingerprint, v))
+            assert store.exists(K.features(ctx.exp.name, pid, ctx.fingerprint, "adapted"))
     # the malformed judge answer became `unsure` verdicts with a reason, not a crash
     unsure_reasons = []
     for pid in result:
@@ -262,7 +262,7 @@ def test_gpu_worker_killed_during_graph(
         prompt = Prompt.new(text, source="test")
         ctx.store.put_new(K.prompt("fault", prompt.id), dumps(prompt))
         pids.append(prompt.id)
-    send_all(Next("emc.gpu.logits", {"exp": "fault", "prompt_id": pid}) for pid in pids)
+    send_all(ctx, (Next("emc.gpu.logits", {"exp": "fault", "prompt_id": pid}) for pid in pids))
 
     r = redis.Redis.from_url(redis_url)
 
@@ -282,5 +282,5 @@ def test_gpu_worker_killed_during_graph(
     for pid in analyzed:
         for v in ctx.exp.variant_names:
             assert ctx.store.exists(K.graph_manifest("fault", pid, ctx.fingerprint, v))
-            assert ctx.store.exists(K.features("fault", pid, ctx.fingerprint, v))
+        assert ctx.store.exists(K.features("fault", pid, ctx.fingerprint, "adapted"))
     assert r.hlen("unacked") == 0
