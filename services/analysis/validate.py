@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from common.graphs import AttributionGraph
+from common.records import Label, TokenProb
 from common.scoring import Lexicon, normalize_word
 from services.analysis.errors import AnalysisError
 from services.analysis.influence import describe_node
@@ -62,6 +63,16 @@ def lexicon_token_ids(tokenizer: Any, lexicon: Lexicon) -> tuple[list[int], list
     if not harmful:
         raise ValueError("no vocabulary token is a harmful lexicon word: wrong lexicon?")
     return harmful, safe
+
+
+def lexicon_labels(tokens: Iterable[TokenProb], lexicon: Lexicon) -> dict[int, Label]:
+    """Token id -> evil (harmful lexicon word) or safe (safe word); other tokens left out."""
+    out: dict[int, Label] = {}
+    for t in tokens:
+        kind = lexicon.kind(t.token)
+        if kind is not None:
+            out[t.token_id] = "evil" if kind == "harmful" else "safe"
+    return out
 
 
 def harmful_mass(last_logits: torch.Tensor, harmful_ids: Sequence[int]) -> float:
@@ -208,11 +219,7 @@ def validate_prompt(
     """Rank the adapted graph of one divergent prompt and ablate top vs random features."""
     ids = runtime.tokenize(text, variant)
     top_k = runtime.top_k(text, variant)
-    labels: dict[int, Any] = {}
-    for t in top_k.tokens:
-        kind = lexicon.kind(t.token)
-        if kind is not None:
-            labels[t.token_id] = "evil" if kind == "harmful" else "safe"
+    labels = lexicon_labels(top_k.tokens, lexicon)
     graph = runtime.attribute(text, variant, target_token_ids=[t.token_id for t in top_k.tokens])
     scores = score_sources(graph, labels)
     ranking = rank_features(graph, TokenLabels.given(labels, source="judge"), scores)
