@@ -15,10 +15,11 @@ are in neither group but still take part in the softmax coupling. A positive sco
 feature, at its actual activation, moves probability mass towards the evil tokens.
 
 Why not the log-odds ``log(P_evil / P_safe)`` (each group normalised to weight 1)? It gives
-the small safe mass as much weight as the large evil mass, so features that merely push
-rare safe tokens down rank high. On the toy organism (20 held-out divergent prompts) ablating
-the top-10 features of the log-odds ranking removed 79% of the harmful mass, of this
-ranking 86% (``bench/validate_ranking.py`` measures the latter on all of them).
+the small safe mass as much weight as the large evil mass, so features that merely push rare
+safe tokens down can rank high, and it says nothing about how much probability moves. On one
+build of the toy organism ablating the top-10 features of the log-odds ranking removed 79% of
+the harmful mass against 86% for this ranking (20 held-out divergent prompts); on a later
+build both removed 94%. ``bench/validate_ranking.py`` measures this ranking.
 
 Labels: the current human label of each token when there is one (it wins, ``unsure``
 included), the judge's verdict otherwise; ``unsure`` tokens count in neither group. The
