@@ -36,29 +36,29 @@ def register(app: typer.Typer) -> None:
         )
         for v, r in done.items():
             table = Table(
-                "rank",
-                "layer",
+                "#",
+                "L",
                 "pos",
                 "token",
-                "feature",
+                "feat",
                 "score",
                 "evil",
                 "safe",
-                "activation",
-                title=f"{pid} / {v}  ({r.label_source} labels {r.labels_version}; evil "
-                f"{r.evil_token_ids}, safe {r.safe_token_ids})",
+                "act",
+                title=f"{pid} / {v}: {r.label_source} labels {r.labels_version}, evil "
+                f"{r.evil_token_ids}, safe {r.safe_token_ids}; score = d(P_evil - P_safe)",
             )
             for i, f in enumerate(r.features[:top], 1):
                 table.add_row(
                     str(i),
                     str(f.layer),
                     str(f.pos),
-                    repr(f.token),
+                    repr(f.token.strip())[:12],
                     str(f.feature),
                     f"{f.score:+.4f}",
-                    f"{f.evil:+.4f}",
-                    f"{f.safe:+.4f}",
-                    f"{f.activation:.3f}",
+                    f"{f.evil:+.3f}",
+                    f"{f.safe:+.3f}",
+                    f"{f.activation:.2f}",
                 )
             console.print(table)
         for v, reason in failed.items():
@@ -94,9 +94,11 @@ def register(app: typer.Typer) -> None:
                 progress=lambda msg: status.update(msg),
             )
         ix = data.index
+        nothing = sum(i.kind == "nothing_to_explain" for i in ix.issues)
         console.print(
             f"{ix.n_prompts_with_graphs} prompts with graphs, "
-            f"{len(ix.divergent_prompt_ids)} divergent, {len(ix.issues)} not ranked"
+            f"{len(ix.divergent_prompt_ids)} divergent; not ranked: {nothing} with nothing to "
+            f"explain, {len(ix.issues) - nothing} failed (see summary.md)"
         )
         for v, agg in data.aggregates.items():
             head = ", ".join(

@@ -29,27 +29,34 @@ def experiment() -> Experiment:
 
 
 def put_prompt(
-    store: ObjectStore, pid: str, seed: int, base_top: list[int], *, base_graph: bool = True
+    store: ObjectStore,
+    pid: str,
+    seed: int,
+    base_top: list[int],
+    *,
+    base_graph: bool = True,
+    fp: str = FP,
+    exp_name: str = "syn",
 ) -> None:
     for variant, top in (("adapted", [EVIL, SAFE, OTHER]), ("base", base_top)):
         store.put_json(
-            K.logits("syn", pid, FP, variant),
+            K.logits(exp_name, pid, fp, variant),
             TopKLogits(
                 prompt_id=pid,
                 variant=variant,
-                fingerprint=FP,
+                fingerprint=fp,
                 input_ids=[0, 1, 2, 3],
                 tokens=[TokenProb(token_id=t, token=f"w{t}", prob=0.3, logit=1.0) for t in top],
             ),
         )
         labels = {EVIL: "evil", SAFE: "safe", OTHER: "unsure", BASE_ONLY: "safe"}
         store.put_json(
-            K.verdicts("syn", pid, FP, "lexicon", variant),
+            K.verdicts(exp_name, pid, fp, "lexicon", variant),
             Verdict(
                 prompt_id=pid,
                 variant=variant,
                 judge="lexicon",
-                fingerprint=FP,
+                fingerprint=fp,
                 verdicts=[
                     TokenVerdict(token_id=t, token=f"w{t}", label=labels[t])  # type: ignore[arg-type]
                     for t in top
@@ -60,9 +67,9 @@ def put_prompt(
             continue
         g = linear_net(seed=seed + (variant == "base"), n_logits=3).graph
         g.manifest = g.manifest.model_copy(
-            update={"prompt_id": pid, "variant": variant, "logit_token_ids": top}
+            update={"prompt_id": pid, "variant": variant, "logit_token_ids": top, "fingerprint": fp}
         )
-        save_graph(store, "syn", g)
+        save_graph(store, exp_name, g)
 
 
 def test_report_end_to_end(tmp_path: Path) -> None:
