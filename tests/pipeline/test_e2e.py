@@ -24,7 +24,7 @@ import redis
 import yaml
 
 from common.context import Context, make_context
-from common.pipeline import FINAL, Next, send_all, statuses
+from common.pipeline import FINAL, Next, reindex, send_all, statuses
 from common.pipeline_cli import mine_batch
 from common.records import Prompt, Status
 from common.settings import Settings, StoreSettings
@@ -237,6 +237,14 @@ def test_end_to_end_s3_scripted_llm(
     ]
     assert "not a house-format prompt" not in stored
     assert versions_with_different_content(s3_settings) == {}
+
+    # everything in Redis but queued messages can be rebuilt from the store
+    live_status = statuses(ctx, list(result))
+    live_queue = [(e.pid, e.divergent) for e in ctx.queue.list(limit=1000)]
+    ctx.redis.flushdb()
+    assert reindex(ctx) == len(result)
+    assert statuses(ctx, list(result)) == live_status
+    assert [(e.pid, e.divergent) for e in ctx.queue.list(limit=1000)] == live_queue
 
 
 def test_gpu_worker_killed_during_graph(
