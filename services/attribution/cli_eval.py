@@ -554,7 +554,7 @@ def register(app: typer.Typer) -> None:
                 str(c.n_refusal),
                 str(c.n_unscorable),
             )
-        Console().print(table)
+        Console(width=max(Console().width, 120)).print(table)
         if out is None:
             typer.echo(render_markdown(report).split("## Per question")[1])
         typer.echo(f"stored {keys['report.json']}")
@@ -572,7 +572,9 @@ def register(app: typer.Typer) -> None:
                 f"{feats.n_aligned} aligned answers, {feats.n_tested} features tested, "
                 f"{feats.n_significant} with q < {feats.alpha:g}"
             )
-            for r in feats.features[:5]:
+            up = [r for r in feats.features if r.rank_biserial > 0][:5]
+            typer.echo("most significant features more active in misaligned answers:")
+            for r in up:
                 typer.echo(
                     f"  {r.layer}:{r.feature}  rank-biserial {r.rank_biserial:+.3f}  q {r.q:.2e}"
                 )
