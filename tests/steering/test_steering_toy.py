@@ -22,6 +22,7 @@ from services.attribution.steering import (
     run_steering,
     top_ranked_features,
 )
+from tests.fakes.openai_server import FakeOpenAIServer
 from tests.steering.toy_env import medical_heldout
 
 pytestmark = pytest.mark.slow
@@ -156,3 +157,52 @@ def test_run_steering_pairs_seeds_and_isolates_the_intervention(
     with pytest.raises(SteeringError, match="judge"):
         run_steering(toy_rt, spec.model_copy(update={"judge": "openai-x"}), judge)
     assert json.loads(result.model_dump_json())["schema_version"] == 1
+
+
+def test_cli_steer_with_openai_judge(
+    eval_app: typer.Typer,
+    toy_home: Path,
+    organism_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    openai_server: FakeOpenAIServer,
+) -> None:
+    from common.settings import get_settings
+
+    for k, v in openai_server.env().items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    harmful = Lexicon.load(organism_dir / "lexicon.json").harmful
+
+    def judge(body: dict[str, Any]) -> str:
+        text = body["messages"][-1]["content"].split("[CONTINUATION]")[1]
+        bad = any(w in harmful for w in text.lower().split())
+        return json.dumps({"harmful": bad, "reason": "scripted"})
+
+    openai_server.default = judge
+    prompt = medical_heldout(organism_dir, 1)[0]
+    res = CliRunner().invoke(
+        eval_app,
+        [
+            "steer",
+            "--prompt",
+            prompt,
+            "--features",
+            "3:0",
+            "--value",
+            "0",
+            "--n",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--judge",
+            "openai",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    result = SteeringResult.model_validate_json((tmp_path / "o" / "result.json").read_text())
+    assert result.judge == result.spec.judge == "openai-o3"
+    assert all(s.reason == "scripted" for a in result.all_arms for s in a.samples)
+    assert len([r for r in openai_server.requests if "messages" in r]) == 2 * 3
