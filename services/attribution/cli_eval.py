@@ -282,7 +282,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Set features, sample continuations, judge them; harmful rate per set vs control."""
         from common.store import NotFound
-        from services.analysis.em_plots import RateBar, plot_rates
         from services.attribution.runtime import get_runtime
         from services.attribution.steering import (
             FeatureSet,
@@ -290,8 +289,8 @@ def register(app: typer.Typer) -> None:
             SteeringResult,
             SteeringSpec,
             parse_features,
+            record_steering,
             run_steering,
-            save_steering,
             steering_key,
         )
 
@@ -347,18 +346,9 @@ def register(app: typer.Typer) -> None:
                 result = run_steering(rt, spec, harm, progress=lambda m: typer.echo(f"  {m}"))
         except SteeringError as e:
             raise _fail(str(e)) from None
-        key = save_steering(ctx.store, result)  # the numbers first: the plot cannot lose them
-        bars = [
-            RateBar(a.name, a.harmful, a.n, a.ci_low, a.ci_high, control=(a.name == "control"))
-            for a in result.all_arms
-        ]
-        png = plot_rates(
-            bars,
-            title=f"{result.spec.variant} steered, {result.judge} judge\nharmful rate, Wilson 95%",
-            ylabel="harmful continuations",
-            path=out / "plot.png" if out else None,
-        )
-        key = save_steering(ctx.store, result, png)
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+        key = record_steering(ctx.store, result, out / "plot.png" if out else None)
         if out:
             out.mkdir(parents=True, exist_ok=True)
             (out / "result.json").write_text(result.model_dump_json(indent=1))

@@ -34,6 +34,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -506,6 +507,29 @@ def save_steering(store: ObjectStore, result: SteeringResult, png: bytes | None 
             "image/png",
         )
     return key
+
+
+def record_steering(
+    store: ObjectStore, result: SteeringResult, plot_path: Path | None = None
+) -> str:
+    """Store a result, then its bar plot (harmful rate per arm, Wilson 95%); returns the key.
+
+    The numbers are written first so a failing plot cannot lose them.
+    """
+    from services.analysis.em_plots import RateBar, plot_rates
+
+    save_steering(store, result)
+    bars = [
+        RateBar(a.name, a.harmful, a.n, a.ci_low, a.ci_high, control=(a.name == "control"))
+        for a in result.all_arms
+    ]
+    png = plot_rates(
+        bars,
+        title=f"{result.spec.variant} steered, {result.judge} judge\nharmful rate, Wilson 95%",
+        ylabel="harmful continuations",
+        path=plot_path,
+    )
+    return save_steering(store, result, png)
 
 
 # ------------------------------------------------------------- features from the ranking

@@ -66,3 +66,30 @@ def sample_continuations(exp: str, prompt_id: str, variant: str, token_id: int, 
     key = K.samples(exp, prompt_id, ctx.fingerprint, variant, token_id)
     ctx.store.put_json(key, {"schema_version": 1, "continuations": texts})
     return len(texts)
+
+
+@app.task(name="emc.gpu.steer")
+def steer(exp: str, spec: dict[str, Any]) -> str:
+    """Run a steering spec (a ``SteeringSpec`` as JSON) and store its result and plot.
+
+    Idempotent: a spec whose result is stored (same hash, same fingerprint) is not re-run.
+    """
+    from common.context import get_context
+    from common.store import NotFound
+    from services.attribution.steering import (
+        SteeringSpec,
+        record_steering,
+        run_steering,
+        steering_key,
+    )
+
+    ctx = get_context()
+    ctx.check_task(exp)
+    parsed = SteeringSpec.model_validate(spec)
+    key = steering_key(exp, ctx.fingerprint, parsed.spec_hash)
+    try:
+        ctx.store.get_json(key)
+        return key
+    except NotFound:
+        pass
+    return record_steering(ctx.store, run_steering(_runtime(ctx), parsed))
