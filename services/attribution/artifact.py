@@ -163,15 +163,17 @@ def edge_scores(graph: AttributionGraph, total: torch.Tensor) -> torch.Tensor:
 def prune_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
     """Keep the largest scores until ``keep`` of their total mass is covered."""
     flat = scores.flatten()
-    total = float(flat.sum())
     mask = torch.zeros_like(flat, dtype=torch.bool)
+    # only positive scores can be kept: sorting just those is much cheaper (most are 0)
+    candidates = torch.nonzero(flat > 0).squeeze(1)
+    values = flat[candidates]
+    total = float(values.sum())
     if total <= 0.0:
         return mask.view_as(scores)
-    order = torch.argsort(flat, descending=True)
-    cum = torch.cumsum(flat[order], dim=0)
+    order = torch.argsort(values, descending=True)
+    cum = torch.cumsum(values[order], dim=0)
     n_keep = int(torch.searchsorted(cum, keep * total).item()) + 1
-    mask[order[: min(n_keep, flat.numel())]] = True
-    mask &= flat > 0
+    mask[candidates[order[: min(n_keep, values.numel())]]] = True
     return mask.view_as(scores)
 
 
