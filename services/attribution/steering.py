@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.records import FeatureRanking, Label, Record
+from common.records import FeatureRanking, Record
 from common.scoring import HarmJudge, HarmLabel, HarmVerdict, Lexicon
 from common.store import ObjectStore
 from services.analysis.em_stats import fisher_exact, wilson_interval
@@ -591,13 +591,10 @@ def _rank_prompt(
     runtime: Runtime, text: str, variant: str, lexicon: Lexicon
 ) -> FeatureRanking | None:
     from services.analysis.ranking import TokenLabels, rank_features
+    from services.analysis.validate import lexicon_labels
 
     top_k = runtime.top_k(text, variant)
-    labels: dict[int, Label] = {}
-    for t in top_k.tokens:
-        kind = lexicon.kind(t.token)
-        if kind is not None:
-            labels[t.token_id] = "evil" if kind == "harmful" else "safe"
+    labels = lexicon_labels(top_k.tokens, lexicon)
     if "evil" not in labels.values():
         return None
     graph = runtime.attribute(text, variant, target_token_ids=[t.token_id for t in top_k.tokens])
