@@ -8,8 +8,7 @@ generated -> logits (gpu) -> judged -> [evil in a non-reference variant?] -> rev
 graph requests (gpu, every variant) -> analysis once the graphs exist (re-run when labels
 change). Each step function does its work through the services' plain functions, updates
 the status index and returns the :class:`Next` steps to enqueue; Celery tasks are thin
-shells that call a step and send its ``Next`` list (:mod:`services.*.tasks`), and
-:func:`run_inline` runs the same steps synchronously (tests, benchmarks, debugging).
+shells that call a step and send its ``Next`` list (:mod:`services.*.tasks`).
 
 Every step is idempotent: artifacts already stored for this prompt and fingerprint are
 reused, never recomputed into different content.
@@ -20,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -209,52 +207,6 @@ def step_rank(ctx: Context, pid: str) -> list[Next]:
             log.info("prompt %s/%s: no ranking: %s", pid, variant, e.reason)
     ctx.queue.set_status(pid, Status.analyzed)
     return []
-
-
-# ----------------------------------------------------------------------------- inline runner
-
-
-@dataclass
-class InlineWorkers:
-    """What :func:`run_inline` needs to execute steps in this process."""
-
-    runtime: Runtime
-    judge: Judge
-    generator: Generator
-
-
-def execute(ctx: Context, workers: InlineWorkers, nxt: Next) -> list[Next]:
-    """Run one step in this process (no Celery), recording a prompt failure like a task."""
-    kw = dict(nxt.kwargs)
-    kw.pop("exp", None)
-    pid = kw.get("prompt_id")
-    try:
-        if nxt.task == "emc.generate.batch":
-            return step_generate(ctx, workers.generator, kw["n"], kw.get("batch"))
-        if nxt.task == "emc.gpu.logits":
-            return step_logits(ctx, workers.runtime, kw["prompt_id"])
-        if nxt.task == "emc.judge.verdicts":
-            return step_judge(ctx, workers.judge, kw["prompt_id"])
-        if nxt.task == "emc.gpu.graph":
-            return step_graph(ctx, workers.runtime, kw["prompt_id"], kw["variant"])
-        if nxt.task == "emc.analysis.rank_prompt":
-            return step_rank(ctx, kw["prompt_id"])
-    except PromptFailure as e:
-        if pid is None:
-            raise
-        record_failure(ctx, e, pid)
-        return []
-    raise ValueError(f"no inline step for task {nxt.task!r}")
-
-
-def run_inline(ctx: Context, workers: InlineWorkers, first: Iterable[Next]) -> int:
-    """Run steps and everything they enqueue, breadth-first, in this process; returns count."""
-    todo: deque[Next] = deque(first)
-    done = 0
-    while todo:
-        todo.extend(execute(ctx, workers, todo.popleft()))
-        done += 1
-    return done
 
 
 # ----------------------------------------------------------------------------- index

@@ -22,6 +22,7 @@ from services.analysis.em_plots import DPI, plot_em_scatter
 from services.analysis.em_stats import (
     EM_ALIGNED_MAX,
     EM_COHERENT_MIN,
+    FeatureTest,
     is_misaligned_coherent,
     rank_response_features,
     wilson_interval,
@@ -211,19 +212,8 @@ class ResponseActivations:
     n_response_tokens: list[int]
 
 
-class ResponseFeatureRow(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    layer: int
-    feature: int
-    mean_misaligned: float
-    mean_aligned: float
-    frac_active_misaligned: float
-    frac_active_aligned: float
-    u: float
-    z: float
-    p: float
-    q: float = Field(description="Benjamini-Hochberg adjusted p over all tested features")
-    rank_biserial: float = Field(description="> 0: more active in misaligned responses")
+ResponseFeatureRow = FeatureTest
+"""A stored row of :class:`ResponseFeatureReport` (the statistics' own result type)."""
 
 
 class ResponseFeatureReport(Record):
@@ -318,22 +308,7 @@ def rank_response_level(
         raise TooFewResponses(f"no feature is active in {min_active}+ responses: lower min_active")
     x, y = _dense(acts, mis, cols), _dense(acts, ali, cols)
     tests = rank_response_features(x, y, cols // acts.d_transcoder, cols % acts.d_transcoder)
-    rows = [
-        ResponseFeatureRow(
-            layer=t.layer,
-            feature=t.feature,
-            mean_misaligned=t.mean_misaligned,
-            mean_aligned=t.mean_aligned,
-            frac_active_misaligned=t.frac_active_misaligned,
-            frac_active_aligned=t.frac_active_aligned,
-            u=t.u,
-            z=t.z,
-            p=t.p,
-            q=t.q,
-            rank_biserial=t.rank_biserial,
-        )
-        for t in tests[:top]
-    ]
+    rows = tests[:top]
     return ResponseFeatureReport(
         experiment=experiment,
         fingerprint=fingerprint,

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 Z95 = 1.959963984540054
 
@@ -142,10 +143,11 @@ def mann_whitney_u(x: np.ndarray, y: np.ndarray) -> RankTest:
     return RankTest(u=u1, z=z, p=np.minimum(p, 1.0), rank_biserial=rbc)
 
 
-@dataclass(frozen=True)
-class FeatureTest:
-    """One feature's comparison between misaligned and aligned responses."""
+class FeatureTest(BaseModel):
+    """One feature's comparison between misaligned and aligned responses (also the stored
+    row of the response-feature report)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
     layer: int
     feature: int
     mean_misaligned: float
@@ -155,8 +157,8 @@ class FeatureTest:
     u: float
     z: float
     p: float
-    q: float
-    rank_biserial: float
+    q: float = Field(description="Benjamini-Hochberg adjusted p over all tested features")
+    rank_biserial: float = Field(description="> 0: more active in misaligned responses")
 
 
 def rank_response_features(
