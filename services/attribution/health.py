@@ -1,7 +1,8 @@
 """Health checks of a forward pass and of an attribution graph: fail loudly, never zeros.
 
-Before attributing a prompt, one forward pass runs with plain torch hooks on every layer's
-transcoder input (``mlp.hook_in``), MLP output (``mlp.hook_out``) and residual stream after
+Every forward pass that feeds a product (top-k logits; circuit-tracer's own forward passes
+inside ``attribute``, so a graph costs no extra pass) runs with plain torch hooks on every
+layer's transcoder input (``mlp.hook_in``), MLP output (``mlp.hook_out``) and residual stream after
 the layer (``hook_resid_post``). The first location (in execution order) with a non-finite
 value, or whose per-position L2 norm exceeds ``experiment.attribution.max_activation_norm``,
 fails the prompt with a :class:`~common.errors.PromptFailure` that names the layer, the hook,
@@ -72,16 +73,21 @@ def _stat(layer: int, hook: str, x: torch.Tensor) -> LayerStat:
 
 @contextlib.contextmanager
 def probe(model: ct.ReplacementModel) -> Iterator[HealthReport]:
-    """Record :class:`LayerStat` for every layer while the block runs forward passes."""
+    """Record :class:`LayerStat` for every probed location of the first forward pass in the
+    block (``attribute()`` runs the same input forward twice; the second is not probed)."""
     report = HealthReport(dtype=model.dtype)
     handles = []
+    seen: set[tuple[int, str]] = set()
 
     def make_hook(layer: int, name: str, io: str):  # type: ignore[no-untyped-def]
         def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: object):
+            if (layer, name) in seen:
+                return
             value = inputs[0] if io == "input" else output
             if isinstance(value, tuple):
                 value = value[0]
             if isinstance(value, torch.Tensor):
+                seen.add((layer, name))
                 report.stats.append(_stat(layer, name, value))
 
         return hook
@@ -104,15 +110,14 @@ def _fmt(x: float) -> str:
     return str(x) if not math.isfinite(x) else f"{x:.3g}"
 
 
-def check_forward(
+def check_layers(
     report: HealthReport,
-    logits: torch.Tensor,
     *,
     max_norm: float,
     variant: str | None = None,
     prompt_id: str | None = None,
 ) -> None:
-    """Raise :class:`PromptFailure` naming the first sick layer, or for non-finite logits."""
+    """Raise :class:`PromptFailure` naming the first sick layer (or if nothing was probed)."""
     if not report.stats:
         raise PromptFailure(
             STEP,
@@ -147,6 +152,19 @@ def check_forward(
                 f"max |x| = {_fmt(bad.max_abs)}, dtype {dtype}{hint}"
             )
         raise PromptFailure(STEP, reason, variant=variant, prompt_id=prompt_id)
+
+
+def check_forward(
+    report: HealthReport,
+    logits: torch.Tensor,
+    *,
+    max_norm: float,
+    variant: str | None = None,
+    prompt_id: str | None = None,
+) -> None:
+    """Raise :class:`PromptFailure` naming the first sick layer, or for non-finite logits."""
+    check_layers(report, max_norm=max_norm, variant=variant, prompt_id=prompt_id)
+    dtype = _dtype_name(report.dtype)
     if not bool(torch.isfinite(logits).all()):
         raise PromptFailure(
             STEP,

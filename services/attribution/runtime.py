@@ -188,19 +188,32 @@ class Runtime:
         pid = prompt_id(text)
         lv = self.variant(variant)
         ids = self.tokenize(text, variant)
-        self.checked_logits(ids, variant, pid=pid)
         lim = self.exp.attribution
+
+        def check(report: health.HealthReport) -> None:
+            health.check_layers(
+                report, max_norm=lim.max_activation_norm, variant=variant, prompt_id=pid
+            )
+
         t0 = time.perf_counter()
-        graph = ct.attribute(
-            lv.model,
-            ids,
-            max_feature_nodes=lim.max_feature_nodes,
-            batch_size=lim.batch_size,
-            max_n_logits=lim.max_n_logits,
-            desired_logit_prob=lim.desired_logit_prob,
-            target_token_ids=target_token_ids,
-        )
+        # the probes ride on attribute()'s own forward passes: no extra pass per graph
+        with health.probe(lv.model) as report:
+            try:
+                graph = ct.attribute(
+                    lv.model,
+                    ids,
+                    max_feature_nodes=lim.max_feature_nodes,
+                    batch_size=lim.batch_size,
+                    max_n_logits=lim.max_n_logits,
+                    desired_logit_prob=lim.desired_logit_prob,
+                    target_token_ids=target_token_ids,
+                )
+            except Exception:
+                # a sick forward pass can break attribute() itself: name the layer if so
+                check(report)
+                raise
         elapsed = time.perf_counter() - t0
+        check(report)
         if graph.input_tokens.tolist() != ids:
             raise RuntimeError(
                 "circuit-tracer attributed other tokens than emc's tokenization "
