@@ -161,44 +161,70 @@ def check_graph(graph: AttributionGraph) -> None:
         )
 
 
-def logit_influence(graph: AttributionGraph, *, max_hops: int | None = None) -> LogitInfluence:
+def logit_influence(
+    graph: AttributionGraph, *, max_hops: int | None = None, count_hops: bool = True
+) -> LogitInfluence:
     """Signed total (direct + all indirect paths through features) effect on every logit.
 
+    ``count_hops=False`` skips measuring the longest path (``hops`` is then -1).
     Raises :class:`AnalysisError` for non-finite or inconsistent graphs and when neither the
     linear solve nor the series converges.
     """
     check_graph(graph)
     f = graph.n_features
     src = slice(0, graph.token_slice.stop)
-    a = graph.adjacency.to(torch.float64)
-    act = graph.activations.to(torch.float64)
-
-    # N = diag(1/a) A_F,S. A feature with zero activation is inactive: slope 0, row 0.
-    inv_act = torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
-    n_fs = a[:f, src] * inv_act[:, None]
+    a = graph.adjacency
+    # only the feature and logit rows can be non-zero (check_graph): convert just those
+    n_fs = normalized_feature_rows(a[:f, src], graph.activations)
     n_ff = n_fs[:, :f]
-    a_ls = a[graph.logit_slice, src]
+    a_ls = a[graph.logit_slice, src].to(torch.float64)
     a_lf = a_ls[:, :f]
     backward = _backward_edges(graph, a[:f, :f])
 
     method: Literal["solve", "series"] = "solve"
-    # features only feed later layers: in layer order (I - N) is unit lower-triangular
-    order = torch.argsort(graph.features[:, 0], stable=True) if backward == 0 else None
-    g, residual = _solve(n_ff, a_lf, order)
+    g, residual = _solve(n_ff, a_lf, triangular=backward == 0, order=layer_order(graph))
     if g is None:
         g, hops = _series(n_ff, a_lf, max_hops if max_hops is not None else f + 1, graph)
         method, residual = "series", _residual(g, n_ff, a_lf)
     else:
-        hops = _depth(n_ff)
-    total = a_ls + g @ n_fs
+        hops = _depth(n_ff) if count_hops else -1
     return LogitInfluence(
-        total=total,
+        total=a_ls + g @ n_fs,
         direct=a_ls,
         method=method,
         residual=residual,
         hops=hops,
         backward_edges=backward,
     )
+
+
+def normalized_feature_rows(feature_rows: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """``N = diag(1/a) A_F,S`` in float64. A feature with zero activation is inactive: slope 0,
+    row 0."""
+    act = activations.to(torch.float64)
+    inv_act = torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
+    return feature_rows.to(torch.float64) * inv_act[:, None]
+
+
+def layer_order(graph: AttributionGraph) -> torch.Tensor | None:
+    """Feature indices sorted by layer (stable): the order in which ``I - N`` is triangular;
+    None when the features already are in that order (circuit-tracer's own)."""
+    layers = graph.features[:, 0]
+    if bool((layers[1:] >= layers[:-1]).all()):
+        return None
+    return torch.argsort(layers, stable=True)
+
+
+def solve_total(
+    n_fs: torch.Tensor, a_ls: torch.Tensor, *, triangular: bool, order: torch.Tensor | None
+) -> tuple[torch.Tensor | None, float]:
+    """``T = A_L,S + G N`` from normalized feature rows ``n_fs`` and logit rows ``a_ls``
+    (float64), or None (and the residual) when the solve is not trusted. ``triangular``:
+    no backward edge, so the features in ``order`` (:func:`layer_order`) make a triangular
+    system."""
+    f = n_fs.shape[0]
+    g, residual = _solve(n_fs[:, :f], a_ls[:, :f], triangular=triangular, order=order)
+    return (None if g is None else a_ls + g @ n_fs), residual
 
 
 def _residual(g: torch.Tensor, n_ff: torch.Tensor, a_lf: torch.Tensor) -> float:
@@ -210,23 +236,34 @@ def _residual(g: torch.Tensor, n_ff: torch.Tensor, a_lf: torch.Tensor) -> float:
 
 
 def _solve(
-    n_ff: torch.Tensor, a_lf: torch.Tensor, order: torch.Tensor | None = None
+    n_ff: torch.Tensor,
+    a_lf: torch.Tensor,
+    *,
+    triangular: bool = False,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, float]:
-    """``G (I - N) = A_LF``; with ``order`` (features in layer order, no backward edge) a
-    triangular solve, O(F^2 K) instead of the general O(F^3)."""
+    """``G (I - N) = A_LF``. ``triangular`` (no backward edge; features in layer order after
+    permuting by ``order``, None = as they are): a triangular solve, O(F^2 K) instead of the
+    general O(F^3)."""
     f = n_ff.shape[0]
     if f == 0:
         return a_lf.clone(), 0.0
-    eye = torch.eye(f, dtype=n_ff.dtype)
     try:
-        if order is not None:
-            # (I - N)^T G^T = A_LF^T with (I - N)^T unit upper-triangular in layer order
-            m = (eye - n_ff)[order][:, order].T
-            gt = torch.linalg.solve_triangular(m, a_lf[:, order].T, upper=True, unitriangular=True)
-            g = torch.empty_like(a_lf)
-            g[:, order] = gt.T
+        if triangular:
+            # (I - N)^T G^T = A_LF^T, with (I - N)^T unit upper-triangular in layer order; the
+            # solver reads only the strict upper triangle, so -N^T is all it needs
+            if order is None:
+                g = torch.linalg.solve_triangular(-n_ff.T, a_lf.T, upper=True, unitriangular=True).T
+            else:
+                m = -n_ff[order[:, None], order].T
+                gt = torch.linalg.solve_triangular(
+                    m, a_lf[:, order].T, upper=True, unitriangular=True
+                )
+                g = torch.empty_like(a_lf)
+                g[:, order] = gt.T
         else:
             # G (I - N) = A_LF  <=>  (I - N)^T G^T = A_LF^T
+            eye = torch.eye(f, dtype=n_ff.dtype)
             g = torch.linalg.solve((eye - n_ff).T, a_lf.T).T
     except RuntimeError:  # singular: not acyclic; let the series decide
         return None, float("inf")

@@ -49,11 +49,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.numpy import save as st_save
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from common.errors import PromptFailure
 from common.experiment import Experiment
@@ -61,6 +63,14 @@ from common.graphs import AttributionGraph
 from common.records import GraphManifest
 from common.store import ObjectStore, StoreError, keys
 from common.store.base import dumps
+from services.analysis.errors import AnalysisError
+from services.analysis.influence import (
+    LogitInfluence,
+    layer_order,
+    logit_influence,
+    normalized_feature_rows,
+    solve_total,
+)
 
 FORMAT = "emc-graph"
 FORMAT_VERSION = "1"
@@ -132,13 +142,10 @@ def from_circuit_tracer(
 # ------------------------------------------------------------------------ pruning
 
 
-def _influence(graph: AttributionGraph) -> torch.Tensor:
-    """``[K, S]`` float64: signed total influence of every source on every logit (analysis')."""
-    from services.analysis.errors import AnalysisError
-    from services.analysis.influence import logit_influence
-
+def _influence(graph: AttributionGraph) -> LogitInfluence:
+    """Signed total influence of every source on every logit (the analysis' computation)."""
     try:
-        return logit_influence(graph).total
+        return logit_influence(graph, count_hops=False)
     except AnalysisError as e:
         m = graph.manifest
         raise PromptFailure(
@@ -146,35 +153,35 @@ def _influence(graph: AttributionGraph) -> torch.Tensor:
         ) from e
 
 
-def _inv_activations(graph: AttributionGraph) -> torch.Tensor:
-    """1/a per feature (0 for an inactive one), as the influence computation uses it."""
-    act = graph.activations.to(torch.float64)
-    return torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
-
-
 def edge_scores(graph: AttributionGraph, total: torch.Tensor) -> torch.Tensor:
     """``[F, S]``: how much influence on any logit each edge into a feature carries,
-    ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (``total`` from :func:`_influence`)."""
+    ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (``total``: ``[K, S]`` from :func:`_influence`)."""
     f = graph.n_features
-    weight = total[:, :f].abs().sum(dim=0) * _inv_activations(graph).abs()
-    return graph.adjacency[:f, : graph.token_slice.stop].to(torch.float64).abs() * weight[:, None]
+    n_fs = normalized_feature_rows(graph.adjacency[:f, : graph.token_slice.stop], graph.activations)
+    return n_fs.abs_() * total[:, :f].abs().sum(dim=0)[:, None]
 
 
-def prune_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
-    """Keep the largest scores until ``keep`` of their total mass is covered."""
-    flat = scores.flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    # only positive scores can be kept: sorting just those is much cheaper (most are 0)
-    candidates = torch.nonzero(flat > 0).squeeze(1)
-    values = flat[candidates]
-    total = float(values.sum())
-    if total <= 0.0:
-        return mask.view_as(scores)
-    order = torch.argsort(values, descending=True)
-    cum = torch.cumsum(values[order], dim=0)
-    n_keep = int(torch.searchsorted(cum, keep * total).item()) + 1
-    mask[candidates[order[: min(n_keep, values.numel())]]] = True
-    return mask.view_as(scores)
+@dataclass(frozen=True)
+class Pruning:
+    """Which edges are kept, and the share of the total score they carry."""
+
+    mask: torch.Tensor  # bool, the shape of the scores
+    kept_mass: float
+
+
+def prune(scores: torch.Tensor, keep: float) -> Pruning:
+    """Keep the largest scores until ``keep`` of their total mass is covered (every score
+    equal to the smallest one kept is kept too; zeros never are)."""
+    flat = scores.detach().cpu().flatten().numpy()
+    # only positive scores can be kept, and numpy sorts values many times faster than torch
+    values = np.sort(flat[flat > 0])[::-1]
+    if values.size == 0:
+        return Pruning(torch.zeros_like(scores, dtype=torch.bool), 1.0)
+    cum = np.cumsum(values)
+    n_keep = min(int(np.searchsorted(cum, keep * cum[-1])) + 1, values.size)
+    threshold = values[n_keep - 1]
+    n_kept = int(np.searchsorted(-values, -threshold, side="right"))  # ties included
+    return Pruning(scores >= float(threshold), float(cum[n_kept - 1] / cum[-1]))
 
 
 # ------------------------------------------------------------------------ encode / decode
@@ -216,11 +223,11 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
     f = graph.n_features
     s = graph.token_slice.stop
     a = graph.adjacency
-    total = _influence(graph)
+    influence = _influence(graph)
+    total = influence.total
     scores = edge_scores(graph, total)
-    mask = prune_mask(scores, keep)
-    kept_mass = float(scores[mask].sum() / scores.sum()) if float(scores.sum()) > 0 else 1.0
-    rows, cols = mask.nonzero(as_tuple=True)
+    pruning = prune(scores, keep)
+    rows, cols = pruning.mask.nonzero(as_tuple=True)
     vals = a[:f, :s][rows, cols].to(torch.float32)
     scale = torch.zeros(f, dtype=torch.float32)
     if vals.numel():
@@ -228,18 +235,24 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
     rel = (vals / scale[rows].clamp_min(torch.finfo(torch.float32).tiny)).to(torch.float16)
     indptr = torch.zeros(f + 1, dtype=torch.int32)
     indptr[1:] = torch.cumsum(torch.bincount(rows, minlength=f), 0).to(torch.int32)
-    kept = _feature_rows(indptr, cols, rel, scale, (f, s))
+    # normalized feature rows exactly as a reader will rebuild them from the stored CSR
+    n_kept = normalized_feature_rows(
+        _feature_rows(indptr, cols, rel, scale, (f, s)), graph.activations
+    )
     # Logit rows: direct edges + what the dropped (and rounded) feature edges carried, so
     # that total influence computed from the stored graph equals the full graph's.
-    g = total[:, :f]
-    logit_rows = (total - g @ (kept.to(torch.float64) * _inv_activations(graph)[:, None])).to(
-        torch.float32
-    )
+    logit_rows = (total - total[:, :f] @ n_kept).to(torch.float32)
     direct = a[graph.logit_slice, :s]
-    parts = {"features": graph.features, "activations": graph.activations}
-    check = _influence(_assemble(graph.manifest, kept, logit_rows, parts))
+    # Verify by solving the stored graph's influence afresh (as the analysis will, from the
+    # float16/float32 values written) instead of trusting the algebra.
+    check, _ = solve_total(
+        n_kept,
+        logit_rows.to(torch.float64),
+        triangular=influence.backward_edges == 0,
+        order=layer_order(graph),
+    )
     scale_t = float(total.abs().max()) or 1.0
-    error = float((check - total).abs().max()) / scale_t
+    error = float((check - total).abs().max()) / scale_t if check is not None else float("inf")
     if error > INFLUENCE_TOLERANCE:
         raise RuntimeError(
             f"stored graph would change logit influences by {error:.2e} (relative): not storing "
@@ -261,9 +274,9 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
             "tensors": {name: list(t.shape) for name, t in tensors.items()},
             "limits": {
                 **graph.manifest.limits,
-                "edges_mass_kept": kept_mass,
+                "edges_mass_kept": pruning.kept_mass,
                 "edges_keep_target": keep,
-                "edges_feature_nonzero": int((a[:f, :s] != 0).sum()),
+                "edges_feature_nonzero": int(torch.count_nonzero(a[:f, :s])),
                 "edges_feature_kept": int(rows.numel()),
                 "logit_rows_shift": float((logit_rows - direct).abs().max())
                 / (float(direct.abs().max()) or 1.0),
@@ -284,7 +297,9 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
             sort_keys=True,
         )
     }
-    return st_save(tensors, metadata=meta), manifest
+    # safetensors' numpy writer gives the same bytes as its torch writer, which caches a new
+    # ctypes array type for every distinct tensor size: a slow leak in a long-lived worker
+    return st_save({k: t.numpy() for k, t in tensors.items()}, metadata=meta), manifest
 
 
 def _manifest_sha(manifest: GraphManifest) -> str:

@@ -17,7 +17,7 @@ from services.attribution.artifact import (
     decode,
     encode,
     load_graph,
-    prune_mask,
+    prune,
     save_graph,
 )
 from services.attribution.runtime import Runtime
@@ -78,13 +78,20 @@ def test_encode_decode(tiny_graph: AttributionGraph) -> None:
     assert set(m.tensors) == {k for k in header if k != "__metadata__"}
 
 
-def test_prune_mask_keeps_mass() -> None:
+def test_prune_keeps_mass() -> None:
     s = torch.tensor([[5.0, 0.0, 1.0], [3.0, 0.5, 0.5]])
-    assert prune_mask(s, 0.5).tolist() == [[True, False, False], [False, False, False]]
-    m = prune_mask(s, 0.9)
-    assert float(s[m].sum()) >= 0.9 * float(s.sum())
-    assert not prune_mask(s, 1.0)[0, 1]  # zeros are never stored
-    assert not prune_mask(torch.zeros(2, 2), 0.9).any()
+    half = prune(s, 0.5)
+    assert half.mask.tolist() == [[True, False, False], [False, False, False]]
+    assert half.kept_mass == pytest.approx(0.5)
+    p = prune(s, 0.9)
+    assert float(s[p.mask].sum()) >= 0.9 * float(s.sum())
+    assert p.kept_mass == pytest.approx(float(s[p.mask].sum() / s.sum()))
+    # 0.95 needs one of the two 0.5s: both are kept (ties), and the mass says so
+    tie = prune(s, 0.95)
+    assert tie.mask.tolist() == [[True, False, True], [True, True, True]]
+    assert tie.kept_mass == pytest.approx(1.0)
+    assert not prune(s, 1.0).mask[0, 1]  # zeros are never stored
+    assert not prune(torch.zeros(2, 2), 0.9).mask.any()
 
 
 def test_store_round_trip_and_torn_pair(
