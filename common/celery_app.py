@@ -23,6 +23,7 @@ from celery import Celery, Task, signals
 from kombu import Exchange, Queue
 
 from common.broker import broker_url, is_up
+from common.malloc import limit_malloc_arenas
 from common.settings import Settings, get_settings
 from common.supervisor import QUEUES
 
@@ -171,3 +172,9 @@ def _require_broker(sender: Any = None, conf: Any = None, **kwargs: Any) -> None
         )
         print(msg, file=sys.stderr, flush=True)
         raise SystemExit(2)
+
+
+@signals.worker_init.connect
+def _limit_malloc_arenas(sender: Any = None, **kwargs: Any) -> None:
+    """Flat resident memory in long-lived workers (forked pool children inherit it)."""
+    limit_malloc_arenas(get_settings().malloc_arena_max)

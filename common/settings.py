@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         default=None, description="Flask session secret; unset = generated once into <home>"
     )
     log_level: str = "INFO"
+    malloc_arena_max: int = Field(
+        default=1,
+        ge=0,
+        description="glibc malloc arenas of a worker process (common/malloc.py): 1 keeps a "
+        "GPU worker's memory flat over weeks; 0 = glibc's default",
+    )
 
     @property
     def store_root(self) -> Path:
