@@ -15,6 +15,12 @@ import torch
 from common.records import FeatureNode, GraphManifest
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite, in one reduction on the usual path: a sum is
+    finite only if every term is (an overflowing sum falls back to the exact check)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 @dataclass
 class AttributionGraph:
     manifest: GraphManifest

@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from common.graphs import AttributionGraph
+from common.graphs import AttributionGraph, all_finite
 from services.analysis.errors import AnalysisError
 
 NodeKind = Literal["feature", "error", "token", "logit"]
@@ -75,6 +75,7 @@ class LogitInfluence:
     residual: float  # max |G (I - N) - A_LF| / max |A_LF|
     hops: int  # longest path (in feature hops) that carries any weight; -1 if unknown
     backward_edges: int  # feature edges not from an earlier to a later layer (should be 0)
+    normalized: torch.Tensor  # [F, S] float64: N = diag(1/a) A_F,S, what each edge passes on
 
     @property
     def indirect(self) -> torch.Tensor:
@@ -127,8 +128,8 @@ def check_graph(graph: AttributionGraph) -> None:
             f"{tuple(graph.activations.shape)} do not match {graph.n_features} feature nodes",
             **where,
         )
-    bad = ~torch.isfinite(a)
-    if bool(bad.any()):
+    if not all_finite(a):
+        bad = ~torch.isfinite(a)
         t, s = (int(x) for x in bad.nonzero()[0].tolist())
         raise AnalysisError(
             f"adjacency has {int(bad.sum())} non-finite edges (first: into "
@@ -195,6 +196,7 @@ def logit_influence(
         residual=residual,
         hops=hops,
         backward_edges=backward,
+        normalized=n_fs,
     )
 
 

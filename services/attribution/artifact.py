@@ -153,12 +153,11 @@ def _influence(graph: AttributionGraph) -> LogitInfluence:
         ) from e
 
 
-def edge_scores(graph: AttributionGraph, total: torch.Tensor) -> torch.Tensor:
+def edge_scores(influence: LogitInfluence) -> torch.Tensor:
     """``[F, S]``: how much influence on any logit each edge into a feature carries,
-    ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (``total``: ``[K, S]`` from :func:`_influence`)."""
-    f = graph.n_features
-    n_fs = normalized_feature_rows(graph.adjacency[:f, : graph.token_slice.stop], graph.activations)
-    return n_fs.abs_() * total[:, :f].abs().sum(dim=0)[:, None]
+    ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (``influence`` from :func:`_influence`)."""
+    f = influence.normalized.shape[0]
+    return influence.normalized.abs() * influence.total[:, :f].abs().sum(dim=0)[:, None]
 
 
 @dataclass(frozen=True)
@@ -225,7 +224,7 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
     a = graph.adjacency
     influence = _influence(graph)
     total = influence.total
-    scores = edge_scores(graph, total)
+    scores = edge_scores(influence)
     pruning = prune(scores, keep)
     rows, cols = pruning.mask.nonzero(as_tuple=True)
     vals = a[:f, :s][rows, cols].to(torch.float32)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.errors import PromptFailure
+from common.graphs import all_finite
 from services.attribution import ct
 
 STEP = "attribution"
@@ -58,13 +59,11 @@ def _stat(layer: int, hook: str, x: torch.Tensor) -> LayerStat:
     if x.ndim == 3:
         x = x[0]
     xf = x.float()
-    finite = bool(torch.isfinite(xf).all())
-    if finite:
-        max_abs = float(xf.abs().max()) if xf.numel() else 0.0
-    elif bool(torch.isnan(xf).any()) and not bool(torch.isinf(xf).any()):
-        max_abs = math.nan
-    else:
-        max_abs = math.inf
+    # max |x| is nan or inf exactly when a value is: one reduction decides finiteness
+    max_abs = float(xf.abs().amax()) if xf.numel() else 0.0
+    finite = math.isfinite(max_abs)
+    if not finite and bool(torch.isinf(xf).any()):
+        max_abs = math.inf  # report inf when both inf and nan are present
     norms = xf[1:].norm(dim=-1) if xf.shape[0] > 1 else xf.new_zeros(1)
     norms = torch.nan_to_num(norms, nan=math.inf)
     pos = int(norms.argmax())
@@ -184,8 +183,8 @@ def check_adjacency(
     prompt_id: str | None = None,
 ) -> None:
     """The graph must be finite and the logits must receive edges."""
-    bad = ~torch.isfinite(adjacency)
-    if bool(bad.any()):
+    if not all_finite(adjacency):
+        bad = ~torch.isfinite(adjacency)
         t, s = (int(x) for x in bad.nonzero()[0].tolist())
         raise PromptFailure(
             STEP,
