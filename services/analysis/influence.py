@@ -205,7 +205,7 @@ def normalized_feature_rows(feature_rows: torch.Tensor, activations: torch.Tenso
     row 0."""
     act = activations.to(torch.float64)
     inv_act = torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
-    return feature_rows.to(torch.float64) * inv_act[:, None]
+    return feature_rows.to(torch.float64, copy=True).mul_(inv_act[:, None])
 
 
 def layer_order(graph: AttributionGraph) -> torch.Tensor | None:

@@ -157,7 +157,7 @@ def edge_scores(influence: LogitInfluence) -> torch.Tensor:
     """``[F, S]``: how much influence on any logit each edge into a feature carries,
     ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (``influence`` from :func:`_influence`)."""
     f = influence.normalized.shape[0]
-    return influence.normalized.abs() * influence.total[:, :f].abs().sum(dim=0)[:, None]
+    return influence.normalized.abs().mul_(influence.total[:, :f].abs().sum(dim=0)[:, None])
 
 
 @dataclass(frozen=True)
