@@ -23,15 +23,17 @@ analysis cannot tell the difference:
    edge ``s -> t`` carries ``A[t, s] * G[k, t] / a_t`` of source s's influence on logit k. Each
    edge is scored ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (what it can carry to *any* logit,
    so to any evil/safe weighting); the highest-scoring edges holding ``EDGE_MASS_KEPT`` of the
-   total score are kept, in float16 relative to their row's max.
+   total score are kept (with any edge tied with the last one), in float16 relative to their
+   row's max.
 3. *Edges into logits (float32, made exact for influence).* Stored as the direct edges plus
    what the dropped and rounded feature edges carried:
    ``logit_rows = A_L + G (A_F - A'_F) diag(1/a)`` = ``T - G A'_F diag(1/a)``, where ``A'_F``
    is exactly what is read back. Then the total influence computed from the stored graph
    equals the full graph's, for every source and every logit: feature rankings (any signed
-   evil/safe weighting) are unchanged. :func:`encode` recomputes the influence of the graph it
-   is about to store and refuses to store it if any value moved by more than
-   ``INFLUENCE_TOLERANCE`` (relative to the largest). The price: a logit row is no longer the
+   evil/safe weighting) are unchanged. :func:`encode` solves the influence of the graph it
+   is about to store afresh, from the float16/float32 values a reader will get, and refuses
+   to store it if any value moved by more than ``INFLUENCE_TOLERANCE`` (relative to the
+   largest). The price: a logit row is no longer the
    pure one-hop effect; ``manifest.limits["logit_rows_shift"]`` records the largest change
    relative to the largest direct edge (small on the organism; large only when many-hop paths
    dominate).
