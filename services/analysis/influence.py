@@ -28,6 +28,7 @@ recomputed through the features.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -314,7 +315,15 @@ def _depth(n_ff: torch.Tensor) -> int:
 
 
 def _backward_edges(graph: AttributionGraph, a_ff: torch.Tensor) -> int:
+    """Feature edges whose target's layer is not after the source's (0 in a sound graph)."""
     layers = graph.features[:, 0]
-    nz = a_ff != 0
+    if layer_order(graph) is None:
+        # layer-sorted (circuit-tracer's order): the rows of a layer may only have sources
+        # before that layer's first feature, so count what lies at or after it
+        bounds = torch.searchsorted(layers, torch.unique_consecutive(layers)).tolist()
+        bounds.append(len(layers))
+        return sum(
+            int(torch.count_nonzero(a_ff[b0:b1, b0:])) for b0, b1 in itertools.pairwise(bounds)
+        )
     not_forward = layers[:, None] <= layers[None, :]  # target layer <= source layer
-    return int((nz & not_forward).sum())
+    return int(((a_ff != 0) & not_forward).sum())

@@ -119,3 +119,25 @@ def test_node_mapping() -> None:
     assert (logit.kind, logit.token_id) == ("logit", g.manifest.logit_token_ids[-1])
     with pytest.raises(IndexError):
         describe_node(g, g.n_nodes)
+
+
+def test_backward_edges_counted_alike_in_layer_order_and_shuffled() -> None:
+    from services.analysis.influence import _backward_edges
+
+    gen = torch.Generator().manual_seed(7)
+    layers = torch.sort(torch.randint(0, 5, (60,), generator=gen)).values
+    a = torch.randn(60, 60, generator=gen) * (torch.rand(60, 60, generator=gen) < 0.3)
+    # the general count: target layer <= source layer
+    expected = int(((a != 0) & (layers[:, None] <= layers[None, :])).sum())
+    assert expected > 0
+
+    class G:  # just what _backward_edges reads
+        def __init__(self, layers: torch.Tensor) -> None:
+            self.features = torch.stack([layers, torch.zeros_like(layers), layers], dim=1)
+
+    assert _backward_edges(G(layers), a) == expected  # type: ignore[arg-type]
+    perm = torch.randperm(60, generator=gen)
+    shuffled = a[perm][:, perm]
+    assert _backward_edges(G(layers[perm]), shuffled) == expected  # type: ignore[arg-type]
+    forward = a * (layers[:, None] > layers[None, :])
+    assert _backward_edges(G(layers), forward) == 0  # type: ignore[arg-type]
