@@ -9,8 +9,11 @@ Prints two figures, each against a baseline measured in the same run:
    Redis) until every graph manifest is in the store: Celery, the health probes, encoding
    and store writes are all inside. The top-k logits come first, from ``emc.gpu.logits``
    tasks as in the real flow (a step of its own for every prompt, graphed or not; its time
-   per prompt is printed too). Bare and pipeline runs alternate over ``--rounds`` so that
-   drift on a busy machine falls on both. Goal: <= 1.15.
+   per prompt is printed too). The bare baseline runs in the same worker process
+   (``bench/worker_tasks.py``: same heap, threads and caches, no emc code around
+   ``attribute()``); the same calls in this plain process are printed too (on a small
+   shared machine, two processes differ by a few percent either way). Bare and pipeline
+   runs alternate over ``--rounds`` so that drift falls on both. Goal: <= 1.15.
 2. The GPU worker's resident memory after 50 prompts / after 5 prompts (top-k logits and a
    graph per variant for each prompt). Goal: <= 1.10.
 
@@ -54,9 +57,7 @@ def main() -> None:
     ap.add_argument("--home", type=Path, default=None)
     args = ap.parse_args()
 
-    import torch
-    from circuit_tracer import attribute
-
+    from bench.worker_tasks import Item, bare_attribute
     from common.broker import start_redis_server
     from common.context import make_context
     from common.organism import ensure_organism
@@ -92,7 +93,9 @@ def main() -> None:
         "EMC_LOG_LEVEL": "WARNING",
     }
     proc = spawn(
-        worker_argv(["gpu"], hostname="bench-gpu@bench", pool="solo"),
+        worker_argv(
+            ["gpu"], hostname="bench-gpu@bench", pool="solo", include=["bench.worker_tasks"]
+        ),
         env=env,
         log_path=home / "gpu.log",
         cwd=REPO,
@@ -136,27 +139,25 @@ def main() -> None:
         wait([K.graph_manifest(exp.name, p, fp, v) for p in pids for v in variants], "graphs")
         return time.perf_counter() - t0
 
-    def bare(pids: list[str]) -> float:
-        """Seconds of bare attribute() over the same prompts, tokens and targets."""
-        elapsed = 0.0
+    def items(pids: list[str]) -> list[Item]:
+        """The graphs of these prompts as bare attribute() inputs: tokens, variant, targets."""
+        out: list[Item] = []
         for p in pids:
             for v in variants:
                 topk = ctx.store.get_record(K.logits(exp.name, p, fp, v), TopKLogits)
-                ids = torch.tensor(topk.input_ids, dtype=torch.long)
-                targets = torch.tensor([t.token_id for t in topk.tokens], dtype=torch.long)
-                t0 = time.perf_counter()
-                attribute(
-                    ids,
-                    runtime.variant(v).model,
-                    attribution_targets=targets,
-                    max_n_logits=limits.max_n_logits,
-                    desired_logit_prob=limits.desired_logit_prob,
-                    batch_size=limits.batch_size,
-                    max_feature_nodes=limits.max_feature_nodes,
-                    verbose=False,
-                )
-                elapsed += time.perf_counter() - t0
-        return elapsed
+                out.append((topk.input_ids, v, [t.token_id for t in topk.tokens]))
+        return out
+
+    def bare_here(pids: list[str]) -> float:
+        """Seconds of bare attribute() in this process."""
+        return sum(bare_attribute(runtime, exp, items(pids)))
+
+    def bare_in_worker(pids: list[str]) -> float:
+        """Seconds of bare attribute() in the GPU worker process (timed there)."""
+        key = f"bench/bare-{time.monotonic_ns()}.json"
+        send_all(ctx, [Next("emc.gpu.bench_bare_attribute", {"items": items(pids), "key": key})])
+        wait([key], "bare attribute() in the worker")
+        return float(sum(ctx.store.get_json(key)["seconds"]))
 
     try:
         all_pids = submit(texts)
@@ -166,13 +167,15 @@ def main() -> None:
         # warm-up: models load once per process (worker and this one), first-call costs
         logits(warm)
         graphs(warm)
-        bare(warm)
+        bare_in_worker(warm)
+        bare_here(warm)
         logits_s = logits(timed)
-        bare_s = pipe_s = 0.0
+        bare_s = here_s = pipe_s = 0.0
         for r in range(args.rounds):
             chunk = timed[r * args.prompts : (r + 1) * args.prompts]
-            bare_s += bare(chunk)
+            bare_s += bare_in_worker(chunk)
             pipe_s += graphs(chunk)
+            here_s += bare_here(chunk)
         n_graphs = len(timed) * len(variants)
         # attribute() as timed inside the worker (GraphManifest.elapsed_s): splits the
         # overhead into "attribute() runs slower there" and "work around it"
@@ -199,10 +202,12 @@ def main() -> None:
         f"limits {limits.model_dump()}"
     )
     print(f"top-k logits per prompt    : {logits_s / len(timed) * 1000:8.1f} ms  (own step)")
-    print(f"bare attribute() per graph : {bare_s / n_graphs * 1000:8.1f} ms")
+    print(f"bare attribute() per graph : {bare_s / n_graphs * 1000:8.1f} ms  (in the GPU worker)")
+    print(f"  same, in a plain process : {here_s / n_graphs * 1000:8.1f} ms")
     print(f"pipeline per graph         : {pipe_s / n_graphs * 1000:8.1f} ms")
-    print(f"  of which attribute()     : {inside_s / n_graphs * 1000:8.1f} ms  (in the worker)")
+    print(f"  of which attribute()     : {inside_s / n_graphs * 1000:8.1f} ms  (timed in the task)")
     print(f"overhead ratio             : {pipe_s / bare_s:8.3f}   (goal <= 1.15)")
+    print(f"  vs the plain process     : {pipe_s / here_s:8.3f}")
     print(f"GPU worker RSS after 5     : {rss[5]:8.1f} MB")
     print(f"GPU worker RSS after {n_last:<6}: {rss[n_last]:8.1f} MB")
     print(f"memory ratio {n_last}/5          : {rss[n_last] / rss[5]:8.3f}   (goal <= 1.10)")
