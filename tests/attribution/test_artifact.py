@@ -78,6 +78,17 @@ def test_encode_decode(tiny_graph: AttributionGraph) -> None:
     assert set(m.tensors) == {k for k in header if k != "__metadata__"}
 
 
+def test_encode_when_the_solve_is_not_trusted(
+    tiny_graph: AttributionGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every solve untrusted: influence comes from the series, and so does the check."""
+    import services.analysis.influence as mod
+
+    monkeypatch.setattr(mod, "SOLVE_TOLERANCE", -1.0)
+    _, m = encode(tiny_graph)
+    assert (m.limits["influence_error"] or 0.0) < 1e-6
+
+
 def test_prune_keeps_mass() -> None:
     s = torch.tensor([[5.0, 0.0, 1.0], [3.0, 0.5, 0.5]])
     half = prune(s, 0.5)
