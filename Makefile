@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps lint typecheck test test-fast demo bench clean
+.PHONY: install system-deps lint format typecheck test test-fast demo bench clean
 
 # torch first, pinned to the CPU wheel on local disk (any other spec pulls GBs of CUDA);
 # then everything else resolved through constraints.txt so every machine gets the same versions.
@@ -25,6 +25,11 @@ system-deps:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 typecheck: install
 	$(BIN)/mypy -p common -p services

@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from common.experiment import load_experiment
+    from common.graph.artifact import encode
     from common.organism import ensure_organism
     from common.records import prompt_id
     from common.settings import get_settings
     from common.store.base import dumps
-    from services.attribution.artifact import encode
     from services.attribution.runtime import Runtime
 
     organism = args.organism or ensure_organism(get_settings().home / "organism")

@@ -58,7 +58,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench.worker_tasks import Item, bare_attribute
-    from common.broker import start_redis_server
     from common.context import make_context
     from common.organism import ensure_organism
     from common.pipeline import Next, send_all
@@ -66,7 +65,8 @@ def main() -> None:
     from common.settings import Settings, StoreSettings, get_settings
     from common.store import keys as K
     from common.store.base import dumps
-    from common.supervisor import spawn, stop_groups, worker_argv
+    from common.system.broker import start_redis_server
+    from common.system.supervisor import spawn, stop_groups, worker_argv
     from services.attribution.runtime import get_runtime
 
     org = ensure_organism(get_settings().home / "organism")

@@ -6,13 +6,12 @@ Tasks are named ``emc.<queue>.<name>`` and go to that queue (``generate``, ``jud
 only, and results are ignored (tasks write artifacts to the store and enqueue the next
 step; they never wait on each other).
 
-Service task modules are listed in :data:`TASK_MODULES`; those that exist are imported by
-every worker. A new service adds its ``tasks`` module there.
+Queues, task names and the task modules every worker imports are defined once, in
+:mod:`common.tasknames`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 import sys
@@ -20,20 +19,12 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from celery import Celery, Task, signals
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
-from common.broker import broker_url, is_up
-from common.malloc import limit_malloc_arenas
 from common.settings import Settings, get_settings
-from common.supervisor import QUEUES
-
-TASK_MODULES: tuple[str, ...] = (
-    "services.generator.tasks",
-    "services.judge.tasks",
-    "services.attribution.tasks",
-    "services.analysis.tasks",
-)
-"""Modules that define tasks; each worker imports those that exist."""
+from common.system.broker import broker_url, is_up
+from common.system.malloc import limit_malloc_arenas
+from common.tasknames import QUEUES, TASK_MODULES, queue_of
 
 
 class TransientError(Exception):
@@ -51,25 +42,19 @@ def route_task(
     """Route ``emc.<queue>.*`` to ``<queue>``; refuse other names (they would sit unconsumed)."""
     if name.startswith("celery."):
         return None
-    parts = name.split(".")
-    if len(parts) >= 3 and parts[0] == "emc" and parts[1] in QUEUES:
-        return {"queue": parts[1]}
+    queue = queue_of(name)
+    if queue is not None:
+        return {"queue": queue}
     raise ValueError(
         f"task {name!r} has no queue: name tasks emc.<queue>.<name> with queue one of "
         f"{', '.join(QUEUES)}"
     )
 
 
-def existing_modules(names: tuple[str, ...] = TASK_MODULES) -> list[str]:
-    """The task modules that exist in this installation (services added over time)."""
-    found = []
-    for name in names:
-        try:
-            if importlib.util.find_spec(name) is not None:
-                found.append(name)
-        except ModuleNotFoundError:
-            continue
-    return found
+def _queue(name: str) -> Queue:
+    """A durable direct queue of that name (kombu's constructors are untyped)."""
+    queue: Queue = Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
+    return queue
 
 
 def configure(app: Celery, settings: Settings) -> None:
@@ -92,12 +77,12 @@ def configure(app: Celery, settings: Settings) -> None:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        task_queues=[_queue(q) for q in QUEUES],
         task_routes=(route_task,),
         task_default_queue=QUEUES[0],
         worker_hijack_root_logger=True,
         worker_redirect_stdouts_level="INFO",
-        include=existing_modules(),
+        include=list(TASK_MODULES),
         timezone="UTC",
         enable_utc=True,
     )
@@ -157,7 +142,7 @@ def make_app(settings: Settings | None = None) -> Celery:
 app = make_app()
 
 
-@signals.celeryd_init.connect
+@signals.celeryd_init.connect  # type: ignore[untyped-decorator]
 def _require_broker(sender: Any = None, conf: Any = None, **kwargs: Any) -> None:
     """A worker without EMC_BROKER_URL needs the embedded Redis of `emc up`: fail clearly."""
     settings = get_settings()
@@ -174,7 +159,7 @@ def _require_broker(sender: Any = None, conf: Any = None, **kwargs: Any) -> None
         raise SystemExit(2)
 
 
-@signals.worker_init.connect
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _limit_malloc_arenas(sender: Any = None, **kwargs: Any) -> None:
     """Flat resident memory in long-lived workers (forked pool children inherit it)."""
     limit_malloc_arenas(get_settings().malloc_arena_max)

@@ -46,7 +46,7 @@ class Context:
             return self._redis
         import redis as redis_lib
 
-        from common.broker import broker_url
+        from common.system.broker import broker_url
 
         return redis_lib.Redis.from_url(broker_url(self.settings), decode_responses=True)
 

@@ -1,8 +1,15 @@
-"""Errors shared by the services: a prompt that failed a step, with the reason to store."""
+"""Errors shared by the services: expected failures a user can act on, and a prompt that
+failed a step (with the reason to store)."""
 
 from __future__ import annotations
 
 from common.records import Failure
+
+
+class UserError(Exception):
+    """An expected failure the user can act on: ``emc`` prints its message as one
+    ``error:`` line (a traceback only with ``--debug``). The message says what is wrong and
+    what to do. Never retried as transient: the same input fails the same way."""
 
 
 class PromptFailure(RuntimeError):
@@ -37,3 +44,31 @@ class PromptFailure(RuntimeError):
         if pid is None:
             raise ValueError("PromptFailure.to_record needs a prompt id (none was attached)")
         return Failure(prompt_id=pid, step=self.step, variant=self.variant, reason=self.reason)
+
+
+#: the step name of analysis failures
+ANALYSIS_STEP = "analysis"
+
+
+class AnalysisError(PromptFailure):
+    """A prompt's graph or labels cannot be analysed; the message says why and what to do.
+
+    A :class:`PromptFailure` of step ``analysis``: callers store :meth:`to_record` next to
+    the prompt.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        prompt_id: str | None = None,
+        variant: str | None = None,
+        step: str = ANALYSIS_STEP,
+    ) -> None:
+        super().__init__(step, reason, variant=variant, prompt_id=prompt_id)
+
+
+class NothingToExplain(AnalysisError):
+    """The variant has no evil token to explain on this prompt (none labelled evil, or none
+    of them is a logit node of its graph). Not a fault: e.g. the reference variant of a
+    divergent prompt. Callers ranking every variant skip it and go on."""

@@ -61,15 +61,20 @@ class AttributionLimits(_Strict):
     )
 
 
-class JudgeSpec(_Strict):
-    kind: Literal["lexicon", "openai"] = "lexicon"
-    name: str = Field(default="", description="id in artifact keys; default: kind[-model]")
+class LLMCallSpec(_Strict):
+    """How an OpenAI-compatible model is called (``LLMClient.for_spec`` reads these)."""
+
     model: str = "o3"
-    lexicon: str | None = Field(default=None, description="lexicon JSON (the organism ships one)")
-    few_shot: int = Field(default=6, ge=0)
     concurrency: int = Field(default=4, gt=0)
     max_retries: int = Field(default=5, ge=0)
     timeout_s: float = Field(default=60.0, gt=0)
+
+
+class JudgeSpec(LLMCallSpec):
+    kind: Literal["lexicon", "openai"] = "lexicon"
+    name: str = Field(default="", description="id in artifact keys; default: kind[-model]")
+    lexicon: str | None = Field(default=None, description="lexicon JSON (the organism ships one)")
+    few_shot: int = Field(default=6, ge=0)
 
     @property
     def judge_id(self) -> str:
@@ -78,9 +83,8 @@ class JudgeSpec(_Strict):
         return self.kind if self.kind == "lexicon" else f"openai-{self.model}"
 
 
-class GeneratorSpec(_Strict):
+class GeneratorSpec(LLMCallSpec):
     kind: Literal["template", "openai"] = "template"
-    model: str = "o3"
     templates: str | None = Field(
         default=None,
         description="template generator: a templates file or prompt list (the toy organism "

@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import openai
 
+from common.experiment import LLMCallSpec
 from common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,18 @@ class LLMClient:
             timeout_s=timeout_s,
             retry=RetryPolicy(max_retries=max_retries),
             max_concurrency=max_concurrency,
+        )
+
+    @classmethod
+    def for_spec(cls, spec: LLMCallSpec, settings: Settings | None = None) -> LLMClient:
+        """The client an experiment's judge or generator section describes (model, timeout,
+        retries, concurrency) on ``EMC_OPENAI_BASE_URL`` / ``EMC_OPENAI_API_KEY``."""
+        return cls.from_settings(
+            spec.model,
+            settings,
+            timeout_s=spec.timeout_s,
+            max_retries=spec.max_retries,
+            max_concurrency=spec.concurrency,
         )
 
     def describe(self) -> str:

@@ -188,6 +188,27 @@ class FeatureRanking(Record):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class FunnelDecision(Record):
+    """What the judge step decided for a prompt: review, graphs, or nothing more.
+
+    Stored next to the verdicts (``keys.decision``) so the status index can be rebuilt
+    from the store without re-running the judge's rules.
+    """
+
+    prompt_id: str
+    fingerprint: str
+    judge: str
+    to_review: bool
+    divergent: bool
+    evil_score: float
+    graph_variants: list[str]
+    divergent_tokens: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="per non-reference variant, the evil token ids the reference lacks as evil",
+    )
+    reason: str = ""
+
+
 class Status(StrEnum):
     """Where a prompt stands in the pipeline."""
 

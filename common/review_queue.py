@@ -9,7 +9,7 @@ Two structures per experiment ``exp``:
   with ``emc:{exp}:status_reason`` holding an optional reason (e.g. why a step failed).
 
 Everything here can be rebuilt from the object store, which stays the system of record
-(``common.pipeline.reindex`` derives each prompt's state and calls :func:`rebuild`); Redis
+(``common.index.reindex`` derives each prompt's state and calls :func:`rebuild`); Redis
 only makes "what is next" and "how many" fast.
 """
 

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from common.graphs import AttributionGraph
+from common.graph.model import AttributionGraph
 from common.records import FeatureRanking
 from services.analysis.records import (
     AggregateFeature,

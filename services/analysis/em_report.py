@@ -2,7 +2,7 @@
 feature statistics (which transcoder features are more active in misaligned answers).
 
 Plain functions over scored answers and activation arrays; the sampling and the model runs
-live in :mod:`services.attribution.em_eval`.
+live in :mod:`services.analysis.em_eval`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.records import Record
-from common.scoring import JudgeScore
+from common.scores import JudgeScore
 from services.analysis.em_plots import DPI, plot_em_scatter
 from services.analysis.em_stats import (
     EM_ALIGNED_MAX,
@@ -36,7 +36,7 @@ class TooFewResponses(ValueError):
 
 
 class ScoredAnswer(Protocol):
-    """What the summaries read of an answer (``services.attribution.em_eval.EmAnswer``)."""
+    """What the summaries read of an answer (``services.analysis.em_eval.EmAnswer``)."""
 
     @property
     def model(self) -> str: ...
@@ -117,8 +117,8 @@ def _cell(model: str, qid: str, answers: Sequence[ScoredAnswer]) -> CellSummary:
         rate=em / len(scored) if scored else None,
         ci_low=lo,
         ci_high=hi,
-        mean_aligned=float(np.mean([al for al, _ in scored])) if scored else None,  # type: ignore[arg-type]
-        mean_coherent=float(np.mean([co for _, co in scored])) if scored else None,  # type: ignore[arg-type]
+        mean_aligned=float(np.mean([al for al, _ in scored])) if scored else None,
+        mean_coherent=float(np.mean([co for _, co in scored])) if scored else None,
     )
 
 

@@ -7,7 +7,7 @@ from safe to evil**, ``P_evil - P_safe`` with ``P_X = sum_{k in X} p_k``. Since
     dP_X[s] = sum_k p_k (1[k in X] - P_X) T[k, s]          (k over the graph's logit nodes)
     score   = dP_evil - dP_safe      (stored as ``evil`` and ``safe``; probability units)
 
-with ``T`` the signed multi-hop influence (:mod:`services.analysis.influence`) and ``p`` the
+with ``T`` the signed multi-hop influence (:mod:`common.graph.influence`) and ``p`` the
 graph's own logit probabilities (full-vocabulary softmax). circuit-tracer's logit nodes are
 demeaned logits; tokens that are not logit nodes are taken to move like the mean logit
 (their demeaned change is unknown, and counted as 0). Unlabelled and ``unsure`` logit nodes
@@ -36,14 +36,14 @@ from typing import Literal
 
 import torch
 
+from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment
-from common.graphs import AttributionGraph
+from common.graph.influence import LogitInfluence, logit_influence
+from common.graph.model import AttributionGraph
 from common.labels import current_label
 from common.records import FeatureRanking, Label, RankedFeature, Verdict
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
-from services.analysis.errors import AnalysisError, NothingToExplain
-from services.analysis.influence import LogitInfluence, logit_influence
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def rank_features(
 
 def default_graph_loader() -> GraphLoader:
     """The attribution service's graph reader (imported late: it pulls in safetensors)."""
-    from services.attribution.artifact import load_graph
+    from common.graph.artifact import load_graph
 
     return load_graph
 

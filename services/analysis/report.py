@@ -21,13 +21,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment
 from common.labels import current_label
 from common.records import FeatureRanking, TopKLogits
 from common.store import NotFound, ObjectStore, StoreError
 from common.store import keys as K
 from services.analysis.aggregate import PromptFeatures, aggregate, compare, feature_changes
-from services.analysis.errors import AnalysisError, NothingToExplain
 from services.analysis.plots import plot_comparison, plot_layers, plot_top_features
 from services.analysis.ranking import GraphLoader, default_graph_loader, rank_prompt, resolve_labels
 from services.analysis.records import (
@@ -108,29 +108,7 @@ def build_report(
     ref = exp.reference
     others = [v for v in exp.variant_names if v != ref]
     graphed = graphed_prompts(store, exp.name, fp)
-    issues: list[PromptIssue] = []
-
-    rankings: dict[tuple[str, str], FeatureRanking] = {}
-    for i, (pid, variants) in enumerate(sorted(graphed.items())):
-        if progress:
-            progress(f"ranking {i + 1}/{len(graphed)} {pid}")
-        for v in sorted(variants):
-            try:
-                rankings[pid, v] = rank_prompt(
-                    store, exp, pid, v, fingerprint=fp, load_graph=loader
-                )
-            except AnalysisError as e:
-                issues.append(
-                    PromptIssue(
-                        prompt_id=pid,
-                        variant=v,
-                        kind="nothing_to_explain" if isinstance(e, NothingToExplain) else "failed",
-                        reason=e.reason,
-                    )
-                )
-            except StoreError as e:  # unreadable graph (torn write, other format version)
-                issues.append(PromptIssue(prompt_id=pid, variant=v, kind="failed", reason=str(e)))
-
+    rankings, issues = _rank_all(store, exp, graphed, fp, loader, progress)
     divergent: dict[str, list[str]] = {}
     for v in others:
         divergent[v] = []
@@ -194,6 +172,40 @@ def build_report(
         ctype = {".json": "application/json", ".png": "image/png", ".md": "text/markdown"}
         store.put_file(f"{K.reports(exp.name, fp)}/{f.name}", f, ctype.get(f.suffix, "text/plain"))
     return data
+
+
+def _rank_all(
+    store: ObjectStore,
+    exp: Experiment,
+    graphed: dict[str, set[str]],
+    fp: str,
+    loader: GraphLoader,
+    progress: Callable[[str], None] | None,
+) -> tuple[dict[tuple[str, str], FeatureRanking], list[PromptIssue]]:
+    """Rank every graphed (prompt, variant); what could not be ranked becomes an issue."""
+    issues: list[PromptIssue] = []
+    rankings: dict[tuple[str, str], FeatureRanking] = {}
+    for i, (pid, variants) in enumerate(sorted(graphed.items())):
+        if progress:
+            progress(f"ranking {i + 1}/{len(graphed)} {pid}")
+        for v in sorted(variants):
+            try:
+                rankings[pid, v] = rank_prompt(
+                    store, exp, pid, v, fingerprint=fp, load_graph=loader
+                )
+            except AnalysisError as e:
+                nothing = isinstance(e, NothingToExplain)
+                issues.append(
+                    PromptIssue(
+                        prompt_id=pid,
+                        variant=v,
+                        kind="nothing_to_explain" if nothing else "failed",
+                        reason=e.reason,
+                    )
+                )
+            except StoreError as e:  # unreadable graph (torn write, other format version)
+                issues.append(PromptIssue(prompt_id=pid, variant=v, kind="failed", reason=str(e)))
+    return rankings, issues
 
 
 def _write_json(path: Path, record: FeatureAggregate | VariantComparison | ReportIndex) -> Path:

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.graphs import AttributionGraph
+from common.errors import AnalysisError
+from common.graph.influence import describe_node
+from common.graph.model import AttributionGraph
+from common.lexicon import Lexicon, normalize_word
 from common.records import Label, TokenProb
-from common.scoring import Lexicon, normalize_word
-from services.analysis.errors import AnalysisError
-from services.analysis.influence import describe_node
 from services.analysis.ranking import TokenLabels, rank_features, score_sources
 
 if TYPE_CHECKING:

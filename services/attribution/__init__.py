@@ -5,7 +5,7 @@
 - :mod:`~services.attribution.runtime`: the loaded runtime (one model per variant and process),
   tokenization, top-k logits, graphs, sampled continuations;
 - :mod:`~services.attribution.health`: per-layer activation checks that fail a prompt loudly;
-- :mod:`~services.attribution.artifact`: graphs as safetensors + manifest in the store;
+- :mod:`~common.graph.artifact`: graphs as safetensors + manifest in the store;
 - :mod:`~services.attribution.viewer`: export to circuit-tracer's viewer JSON;
 - :mod:`~services.attribution.interventions`: set/scale features, steered generation;
 - :mod:`~services.attribution.steps`: the store-writing steps that tasks and the CLI call;

@@ -3,31 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
-if TYPE_CHECKING:
-    from common.context import Context
-
-_EXPERIMENT = typer.Option(
-    None, "--experiment", "-e", help="experiment YAML (default: EMC_EXPERIMENT or the organism)"
-)
-
-
-def _context(experiment: Path | None) -> Context:
-    from common.context import make_context
-    from common.settings import get_settings
-
-    settings = get_settings()
-    if experiment is not None:
-        settings = settings.model_copy(update={"experiment": experiment})
-    return make_context(settings)
-
-
-def _fail(e: Exception) -> typer.Exit:
-    typer.echo(f"error: {e}", err=True)
-    return typer.Exit(1)
+from common.commands import EXPERIMENT_OPTION, experiment_context, fail
 
 
 def register(app: typer.Typer) -> None:
@@ -45,7 +24,7 @@ def register(app: typer.Typer) -> None:
         targets: str = typer.Option(
             "salient", help="logit nodes: salient (experiment limits) or topk (stored top-k)"
         ),
-        experiment: Path | None = _EXPERIMENT,
+        experiment: Path | None = EXPERIMENT_OPTION,
     ) -> None:
         """Compute top-k logits and the attribution graph of a prompt; write both to the store."""
         from rich.console import Console
@@ -53,33 +32,33 @@ def register(app: typer.Typer) -> None:
 
         from common.errors import PromptFailure
         from services.attribution.runtime import get_runtime
-        from services.attribution.steps import ensure_prompt, graph_step, logits_step
+        from services.attribution.steps import compute_graph, compute_logits, ensure_prompt
 
         if targets not in ("salient", "topk"):
-            raise _fail(ValueError(f"--targets must be salient or topk, not {targets!r}"))
-        ctx = _context(experiment)
+            raise fail(ValueError(f"--targets must be salient or topk, not {targets!r}"))
+        ctx = experiment_context(experiment)
         variants = variant or ctx.exp.variant_names
         unknown = [v for v in variants if v not in ctx.exp.variants]
         if unknown:
-            raise _fail(KeyError(f"unknown variant(s) {unknown}; have {ctx.exp.variant_names}"))
+            raise fail(KeyError(f"unknown variant(s) {unknown}; have {ctx.exp.variant_names}"))
         rt = get_runtime(ctx.exp, ctx.fingerprint)
         p = ensure_prompt(ctx.store, ctx.exp.name, prompt, source="cli")
         console = Console()
         try:
-            for topk in logits_step(rt, ctx.store, p, variants):
+            for topk in compute_logits(rt, ctx.store, p, variants):
                 table = Table("token", "id", "p", title=f"{p.id} {topk.variant}: top-k")
                 for t in topk.tokens:
                     table.add_row(repr(t.token), str(t.token_id), f"{t.prob:.4f}")
                 console.print(table)
             for v in variants:
-                m = graph_step(rt, ctx.store, p, v, targets=targets)  # type: ignore[arg-type]
+                m = compute_graph(rt, ctx.store, p, v, targets=targets)  # type: ignore[arg-type]
                 console.print(
                     f"graph {p.id} {v}: {m.n_features} features, {m.n_logits} logits, "
                     f"{m.elapsed_s:.1f}s, edges kept {m.limits['edges_feature_kept']}/"
                     f"{m.limits['edges_feature_nonzero']}"
                 )
         except PromptFailure as e:
-            raise _fail(e) from None
+            raise fail(e) from None
         console.print(
             f"prompt id {p.id}, fingerprint {ctx.fingerprint}, store {ctx.store.describe()}"
         )
@@ -91,13 +70,13 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="output directory"),
         node_threshold: float = typer.Option(0.8, help="viewer node pruning threshold"),
         edge_threshold: float = typer.Option(0.98, help="viewer edge pruning threshold"),
-        experiment: Path | None = _EXPERIMENT,
+        experiment: Path | None = EXPERIMENT_OPTION,
     ) -> None:
         """Write a stored graph as circuit-tracer viewer JSON into OUT (works offline)."""
         from common.store import NotFound
         from services.attribution.viewer import export_stored
 
-        ctx = _context(experiment)
+        ctx = experiment_context(experiment)
         try:
             path = export_stored(
                 ctx.store,
@@ -110,7 +89,7 @@ def register(app: typer.Typer) -> None:
                 edge_threshold=edge_threshold,
             )
         except (NotFound, KeyError) as e:
-            raise _fail(
+            raise fail(
                 ValueError(f"no graph for {pid}/{variant} under {ctx.fingerprint}: {e}")
             ) from None
         typer.echo(f"wrote {path} and {path.parent / 'graph-metadata.json'}")

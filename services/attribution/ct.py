@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from common.graph.model import AttributionGraph
+from common.records import GraphManifest
+
 if TYPE_CHECKING:
     from circuit_tracer.graph import Graph
     from circuit_tracer.replacement_model.replacement_model_nnsight import (
@@ -319,3 +322,57 @@ def write_viewer_files(
     path.write_text(model.model_dump_json(indent=2))
     add_graph_metadata(model.metadata.model_dump(), str(out_dir))
     return path
+
+
+def to_attribution_graph(
+    graph: Any,
+    *,
+    prompt_id: str,
+    variant: str,
+    fingerprint: str,
+    prompt_text: str,
+    tokenizer: Any,
+    limits: dict[str, float | int | None],
+    elapsed_s: float = 0.0,
+) -> AttributionGraph:
+    """Convert a circuit-tracer ``Graph`` (dense, unpruned) to :class:`AttributionGraph`.
+
+    Feature nodes are the graph's *selected* features, in circuit-tracer's order.
+    """
+    sel = graph.selected_features.cpu()
+    features = graph.active_features.cpu()[sel].to(torch.int64)
+    activations = graph.activation_values.cpu()[sel].to(torch.float32)
+    adjacency = graph.adjacency_matrix.cpu().to(torch.float32)
+    ids = [int(x) for x in graph.input_tokens.cpu().tolist()]
+    n_layers = int(graph.cfg.n_layers)
+    n_pos, n_feat, n_logits = len(ids), int(features.shape[0]), len(graph.logit_targets)
+    n = n_feat + (n_layers + 1) * n_pos + n_logits
+    if tuple(adjacency.shape) != (n, n):
+        raise ValueError(
+            f"adjacency {tuple(adjacency.shape)} does not match {n_feat} features, "
+            f"{n_layers} layers x {n_pos} positions and {n_logits} logits"
+        )
+    scan = graph.scan
+    manifest = GraphManifest(
+        prompt_id=prompt_id,
+        variant=variant,
+        fingerprint=fingerprint,
+        prompt_text=prompt_text,
+        input_ids=ids,
+        input_tokens=[str(tokenizer.decode([i])) for i in ids],
+        n_layers=n_layers,
+        n_pos=n_pos,
+        n_features=n_feat,
+        n_logits=n_logits,
+        logit_token_ids=[int(t.vocab_idx) for t in graph.logit_targets],
+        logit_tokens=[str(t.token_str) for t in graph.logit_targets],
+        logit_probabilities=[float(p) for p in graph.logit_probabilities.cpu().tolist()],
+        adjacency_dtype="float32",
+        tensors={"adjacency": [n, n], "features": [n_feat, 3], "activations": [n_feat]},
+        limits=dict(limits),
+        scan="-".join(scan) if isinstance(scan, list) else scan,
+        elapsed_s=elapsed_s,
+    )
+    return AttributionGraph(
+        manifest=manifest, adjacency=adjacency, features=features, activations=activations
+    )

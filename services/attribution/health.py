@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from common.errors import PromptFailure
-from common.graphs import all_finite
+from common.graph.model import all_finite
 from services.attribution import ct
 
 STEP = "attribution"
@@ -78,8 +78,10 @@ def probe(model: ct.ReplacementModel) -> Iterator[HealthReport]:
     handles = []
     seen: set[tuple[int, str]] = set()
 
-    def make_hook(layer: int, name: str, io: str):  # type: ignore[no-untyped-def]
-        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: object):
+    def make_hook(
+        layer: int, name: str, io: str
+    ) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...], object], None]:
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
             if (layer, name) in seen:
                 return
             value = inputs[0] if io == "input" else output

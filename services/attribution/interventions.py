@@ -66,6 +66,55 @@ def scaled(
     ]
 
 
+def model_dims(runtime: Runtime, variant: str) -> tuple[int, int]:
+    """(layers, features per layer) of a variant's replacement model."""
+    model = runtime.variant(variant).model
+    transcoders: Any = model.transcoders
+    return int(model.cfg.n_layers), int(transcoders.d_transcoder)
+
+
+def activation_profile(
+    runtime: Runtime,
+    variant: str,
+    prompts_ids: Sequence[Sequence[int]],
+    features: Sequence[tuple[int, int]],
+) -> list[tuple[float, float]]:
+    """Per ``(layer, feature)``: the mean over prompts of its activation at the last position,
+    and of its maximum over the non-BOS positions."""
+    model = runtime.variant(variant).model
+    last = [0.0] * len(features)
+    peak = [0.0] * len(features)
+    for ids in prompts_ids:
+        acts = ct.transcoder_activations(model, list(ids))  # [layers, pos, d_tc]
+        for k, (layer, feat) in enumerate(features):
+            col = acts[layer, :, feat].float()
+            last[k] += float(col[-1]) / len(prompts_ids)
+            peak[k] += float(col[1:].max()) / len(prompts_ids)
+    return list(zip(last, peak, strict=True))
+
+
+def mean_activations_after(
+    runtime: Runtime, variant: str, prefix_text: str, full_text: str
+) -> tuple[torch.Tensor, int]:
+    """Every transcoder feature's activation averaged over the positions of ``full_text``
+    that come after ``prefix_text`` (``[layers * d_transcoder]`` float32, and how many
+    positions that is; 0 positions: an empty tensor).
+
+    Those positions start where the tokenization of the full text stops agreeing with the
+    prefix's own (normally right after the prefix).
+    """
+    model = runtime.variant(variant).model
+    p_ids = runtime.tokenize(prefix_text, variant)
+    full = runtime.tokenize(full_text, variant)
+    start = 0
+    while start < min(len(p_ids), len(full)) and p_ids[start] == full[start]:
+        start += 1
+    if start >= len(full):
+        return torch.empty(0), 0
+    acts = ct.transcoder_activations(model, full)  # [layers, pos, d_tc]
+    return acts[:, start:, :].float().mean(dim=1).reshape(-1).cpu(), len(full) - start
+
+
 def intervene_logits(
     runtime: Runtime,
     variant: str,

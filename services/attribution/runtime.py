@@ -26,11 +26,10 @@ import torch
 
 from common.errors import PromptFailure
 from common.experiment import Experiment
-from common.graphs import AttributionGraph
+from common.graph.model import AttributionGraph
 from common.records import TokenProb, TopKLogits, prompt_id
 from common.settings import get_settings
 from services.attribution import ct, health
-from services.attribution.artifact import from_circuit_tracer
 from services.attribution.loading import (
     load_transcoders,
     load_variant,
@@ -254,7 +253,7 @@ class Runtime:
             **self.exp.attribution.model_dump(),
             "targets": len(target_token_ids) if target_token_ids is not None else None,
         }
-        return from_circuit_tracer(
+        return ct.to_attribution_graph(
             graph,
             prompt_id=prompt_id(text),
             variant=variant,

@@ -1,24 +1,28 @@
 """The attribution service's steps on one prompt, reading and writing the object store.
 
-Celery tasks and CLI commands are thin shells around these. Each step is idempotent: the
-same prompt and fingerprint write the same keys with the same content. A step raises
-:class:`~common.errors.PromptFailure` (not a zero result) when the model misbehaves.
+``compute_*`` are the plain functions (the CLI calls them too); ``step_*`` are the pipeline
+steps the ``emc.gpu.*`` tasks run. Each is idempotent: the same prompt and fingerprint write
+the same keys with the same content. A step raises :class:`~common.errors.PromptFailure`
+(not a zero result) when the model misbehaves.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from common.records import GraphManifest, Prompt, TopKLogits
+from common import tasknames as T
+from common.context import Context
+from common.graph.artifact import graph_exists, graphs_done, save_graph
+from common.pipeline import Next, load_prompt
+from common.records import GraphManifest, Prompt, Status, TopKLogits
 from common.store import NotFound, ObjectStore, keys
 from common.store.base import dumps
-from services.attribution.artifact import save_graph
 from services.attribution.runtime import Runtime
 
 Targets = Literal["salient", "topk"]
 
 
-def logits_step(
+def compute_logits(
     runtime: Runtime, store: ObjectStore, prompt: Prompt, variants: list[str] | None = None
 ) -> list[TopKLogits]:
     """Top-k next tokens of every variant (reference first), stored at ``keys.logits``."""
@@ -31,7 +35,7 @@ def logits_step(
     return out
 
 
-def graph_step(
+def compute_graph(
     runtime: Runtime,
     store: ObjectStore,
     prompt: Prompt,
@@ -52,7 +56,7 @@ def graph_step(
         try:
             topk = store.get_record(key, TopKLogits)
         except NotFound:
-            topk = logits_step(runtime, store, prompt, [variant])[0]
+            topk = compute_logits(runtime, store, prompt, [variant])[0]
         target_ids = [t.token_id for t in topk.tokens]
     graph = runtime.attribute(prompt.text, variant, target_token_ids=target_ids)
     return save_graph(store, exp, graph)
@@ -65,3 +69,32 @@ def ensure_prompt(store: ObjectStore, exp_name: str, text: str, source: str) -> 
     if store.put_new(key, dumps(prompt)):
         return prompt
     return store.get_record(key, Prompt)
+
+
+# ----------------------------------------------------------------------------- pipeline steps
+
+
+def step_logits(ctx: Context, runtime: Runtime, pid: str) -> list[Next]:
+    """Top-k logits of every variant (reused when already stored), then the judge."""
+    prompt = load_prompt(ctx, pid)
+    missing = [
+        v
+        for v in ctx.exp.variant_names
+        if not ctx.store.exists(keys.logits(ctx.exp.name, pid, ctx.fingerprint, v))
+    ]
+    if missing:
+        compute_logits(runtime, ctx.store, prompt, missing)
+    ctx.queue.set_status(pid, Status.logits)
+    return [Next(T.JUDGE_VERDICTS, {"exp": ctx.exp.name, "prompt_id": pid})]
+
+
+def step_graph(ctx: Context, runtime: Runtime, pid: str, variant: str) -> list[Next]:
+    """The attribution graph of (prompt, variant); analysis once every variant has one."""
+    exp, fp = ctx.exp, ctx.fingerprint
+    if not graph_exists(ctx.store, exp.name, pid, fp, variant):
+        # the stored top-k are the logit nodes: every judged or labeled token can be explained
+        compute_graph(runtime, ctx.store, load_prompt(ctx, pid), variant, targets="topk")
+    if not graphs_done(ctx.store, exp.name, pid, fp, exp.variant_names):
+        return []
+    ctx.queue.set_status(pid, Status.graphed)
+    return [Next(T.ANALYSIS_RANK, {"exp": exp.name, "prompt_id": pid})]

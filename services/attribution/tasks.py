@@ -1,4 +1,4 @@
-"""GPU tasks (queue ``gpu``): thin shells over :mod:`common.pipeline` and the runtime.
+"""GPU tasks (queue ``gpu``): thin shells over :mod:`.steps` and the runtime.
 
 A GPU worker runs one task at a time (``-c 1``, prefetch 1) and loads each variant's model
 once per process (:func:`services.attribution.runtime.get_runtime` caches it).
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from common import tasknames as T
 from common.celery_app import app
-from common.pipeline import step_graph, step_logits, task_step
+from common.pipeline import task_step
 
 if TYPE_CHECKING:
     from common.context import Context
@@ -22,17 +23,21 @@ def _runtime(ctx: Context) -> Runtime:
     return get_runtime(ctx.exp, ctx.fingerprint, cache_dir=ctx.settings.cache_dir)
 
 
-@app.task(name="emc.gpu.logits", bind=True)
+@app.task(name=T.GPU_LOGITS, bind=True)
 def logits(self: Any, exp: str, prompt_id: str) -> int:
     """Top-k logits of every variant, then the judge."""
+    from services.attribution.steps import step_logits
+
     return task_step(
         self, exp, prompt_id, "logits", lambda ctx: step_logits(ctx, _runtime(ctx), prompt_id)
     )
 
 
-@app.task(name="emc.gpu.graph", bind=True)
+@app.task(name=T.GPU_GRAPH, bind=True)
 def graph(self: Any, exp: str, prompt_id: str, variant: str) -> int:
     """Attribution graph of one variant; analysis once every variant has one."""
+    from services.attribution.steps import step_graph
+
     return task_step(
         self,
         exp,
@@ -42,7 +47,7 @@ def graph(self: Any, exp: str, prompt_id: str, variant: str) -> int:
     )
 
 
-@app.task(name="emc.gpu.sample_continuations")
+@app.task(name=T.GPU_CONTINUATIONS)
 def sample_continuations(exp: str, prompt_id: str, variant: str, token_id: int, n: int = 3) -> int:
     """A few continuations after a chosen top-k token (the review UI's "what follows?")."""
     from common.context import get_context
@@ -66,30 +71,3 @@ def sample_continuations(exp: str, prompt_id: str, variant: str, token_id: int, 
     key = K.samples(exp, prompt_id, ctx.fingerprint, variant, token_id)
     ctx.store.put_json(key, {"schema_version": 1, "continuations": texts})
     return len(texts)
-
-
-@app.task(name="emc.gpu.steer")
-def steer(exp: str, spec: dict[str, Any]) -> str:
-    """Run a steering spec (a ``SteeringSpec`` as JSON) and store its result and plot.
-
-    Idempotent: a spec whose result is stored (same hash, same fingerprint) is not re-run.
-    """
-    from common.context import get_context
-    from common.store import NotFound
-    from services.attribution.steering import (
-        SteeringSpec,
-        record_steering,
-        run_steering,
-        steering_key,
-    )
-
-    ctx = get_context()
-    ctx.check_task(exp)
-    parsed = SteeringSpec.model_validate(spec)
-    key = steering_key(exp, ctx.fingerprint, parsed.spec_hash)
-    try:
-        ctx.store.get_json(key)
-        return key
-    except NotFound:
-        pass
-    return record_steering(ctx.store, run_steering(_runtime(ctx), parsed))

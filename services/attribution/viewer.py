@@ -5,7 +5,7 @@ stored artifact is turned back into a circuit-tracer ``Graph`` (every stored fea
 selected) and pruned with circuit-tracer's own ``prune_graph`` before writing. Graphs loaded
 from the store lack the weakest feature edges, which the viewer's pruning would drop anyway,
 and their logit rows include what those edges carried (see
-:mod:`services.attribution.artifact`). Error-node ids follow upstream's fix of issue 78
+:mod:`common.graph.artifact`). Error-node ids follow upstream's fix of issue 78
 (see :func:`services.attribution.ct.write_viewer_files`).
 
 Serve the folder with circuit-tracer's local server bound to 127.0.0.1 only: its ``serve()``
@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.experiment import Experiment
-from common.graphs import AttributionGraph
+from common.graph.artifact import load_graph
+from common.graph.model import AttributionGraph
 from common.store import ObjectStore
 from services.attribution import ct
-from services.attribution.artifact import load_graph
 
 
 def to_circuit_tracer(graph: AttributionGraph, model_dir: str):  # type: ignore[no-untyped-def]

@@ -15,9 +15,9 @@ from services.generator.core import (
     Rejection,
     StoreKnownPrompts,
     generate_batch,
-    make_generator,
     should_pause,
 )
+from services.generator.factory import make_generator
 from services.generator.near_dup import NearDuplicateFilter
 from services.generator.templates import TemplateGenerator
 

@@ -3,7 +3,7 @@
 A generator *proposes* candidate prompts in the house format (:mod:`.house`);
 :func:`generate_batch` writes the new ones to the store (``put_new``: never overwrites,
 so concurrent workers cannot duplicate a prompt) and returns them. :func:`should_pause`
-is the backpressure rule, :func:`make_generator` the registry.
+is the backpressure rule; :func:`services.generator.factory.make_generator` builds one.
 """
 
 from __future__ import annotations
@@ -11,17 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from common.experiment import Experiment
 from common.records import Prompt, prompt_id
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
 from common.store.base import dumps
-
-if TYPE_CHECKING:
-    from common.settings import Settings
-    from services.judge.examples import ExampleSource
 
 log = logging.getLogger(__name__)
 
@@ -152,29 +148,3 @@ def generate_batch(
 def should_pause(queue_length: int, high_water_mark: int) -> bool:
     """Backpressure: pause generating while the review queue holds ``high_water_mark`` or more."""
     return queue_length >= high_water_mark
-
-
-def make_generator(
-    exp: Experiment,
-    settings: Settings | None = None,
-    examples_source: ExampleSource | None = None,
-) -> Generator:
-    """The generator the experiment names (``generator.kind``: template or openai)."""
-    spec = exp.generator
-    if spec.kind == "template":
-        from services.generator.templates import TemplateGenerator
-
-        if spec.templates:
-            return TemplateGenerator.from_file(spec.templates, seed=spec.seed)
-        return TemplateGenerator(seed=spec.seed)
-    if spec.kind == "openai":
-        from common.llm import LLMClient
-        from services.generator.llm_generator import OpenAIGenerator
-        from services.judge.examples import StaticExamples
-
-        client = LLMClient.from_settings(spec.model, settings)
-        # without a source the generator runs zero-shot (no labels exist yet)
-        return OpenAIGenerator(
-            client, spec, examples_source or StaticExamples(), reference=exp.reference
-        )
-    raise GeneratorError(f"unknown generator.kind {spec.kind!r}: use template or openai")

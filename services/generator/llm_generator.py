@@ -15,12 +15,12 @@ import random
 from collections import Counter
 from typing import Any
 
+from common.examples import ExampleSource, LabeledExample, select_examples
 from common.experiment import GeneratorSpec
 from common.llm import JsonSchema, LLMClient, parse_json_object
+from common.prompt_format import ENDINGS, normalize, parse_house
 from services.generator.core import Candidate, GeneratorError, KnownPrompts, Proposal, Rejection
-from services.generator.house import ENDINGS, normalize, parse_house
 from services.generator.near_dup import NearDuplicateFilter
-from services.judge.examples import ExampleSource, LabeledExample, select_examples
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,14 @@
-"""Generator tasks (queue ``generate``): thin shells over :mod:`common.pipeline`."""
+"""Generator tasks (queue ``generate``): thin shells over :mod:`.steps`."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from common import tasknames as T
 from common.celery_app import app
-from common.pipeline import step_generate, task_step
+from common.pipeline import task_step
+from services.generator.steps import step_generate
 
 if TYPE_CHECKING:
     from services.generator.core import Generator
@@ -16,14 +18,14 @@ if TYPE_CHECKING:
 def _generator() -> Generator:
     """One generator per worker process: it keeps its order and near-duplicate memory."""
     from common.context import get_context
-    from services.generator.core import make_generator
-    from services.judge.examples import StoreExamples
+    from common.examples import StoreExamples
+    from services.generator.factory import make_generator
 
     ctx = get_context()
     return make_generator(ctx.exp, ctx.settings, StoreExamples(ctx.store, ctx.exp))
 
 
-@app.task(name="emc.generate.batch", bind=True)
+@app.task(name=T.GENERATE_BATCH, bind=True)
 def generate_batch(self: Any, exp: str, n: int, batch: str | None = None) -> int:
     """Generate up to ``n`` prompts and enqueue their logits; ``batch`` tracks a `emc mine` run."""
     return task_step(
@@ -31,7 +33,7 @@ def generate_batch(self: Any, exp: str, n: int, batch: str | None = None) -> int
     )
 
 
-@app.task(name="emc.generate.tick", bind=True)
+@app.task(name=T.GENERATE_TICK, bind=True)
 def tick(self: Any) -> int:
     """Beat: keep streaming prompts unless the review queue is above its high-water mark."""
     from common.context import get_context
@@ -50,4 +52,4 @@ def _schedule(sender: Any, **kwargs: Any) -> None:
 
     every = get_settings().generate_every_s
     # ticks expire so they do not pile up while no generate worker runs
-    sender.add_periodic_task(every, tick.s(), name="emc.generate.tick", options={"expires": every})
+    sender.add_periodic_task(every, tick.s(), name=T.GENERATE_TICK, options={"expires": every})

@@ -15,8 +15,8 @@ import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from common.prompt_format import ENDINGS, check_house, house_prompt, parse_house
 from services.generator.core import Candidate, GeneratorExhausted, KnownPrompts, Proposal
-from services.generator.house import ENDINGS, check_house, house_prompt, parse_house
 
 SITUATIONS: Mapping[str, Sequence[str]] = {
     "medical": (

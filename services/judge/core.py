@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from common.experiment import Experiment
 from common.llm import Outcome, bounded_map
 from common.records import Label, Prompt, TokenProb, TokenVerdict, TopKLogits, Verdict
-
-if TYPE_CHECKING:
-    from common.settings import Settings
-    from services.judge.examples import ExampleSource
 
 log = logging.getLogger(__name__)
 
@@ -104,36 +99,3 @@ def judge_each(
 ) -> list[Outcome[dict[str, Verdict]]]:
     """Run a per-prompt judge function over many prompts, ``concurrency`` at a time."""
     return bounded_map(lambda item: fn(item[0], item[1]), items, concurrency)
-
-
-def make_judge(
-    exp: Experiment, settings: Settings | None = None, examples_source: ExampleSource | None = None
-) -> Judge:
-    """The judge the experiment names (``judge.kind``: lexicon or openai)."""
-    from services.judge.examples import StaticExamples
-
-    spec = exp.judge
-    examples = examples_source or StaticExamples()
-    if spec.kind == "lexicon":
-        from common.scoring import Lexicon
-        from services.judge.lexicon_judge import LexiconJudge
-
-        if not spec.lexicon:
-            raise JudgeError(
-                f"judge.kind is lexicon but {exp.source or 'the experiment'} names no "
-                "judge.lexicon file: set judge.lexicon (the toy organism ships lexicon.json)"
-            )
-        return LexiconJudge(Lexicon.load(spec.lexicon), examples, name=spec.judge_id)
-    if spec.kind == "openai":
-        from common.llm import LLMClient
-        from services.judge.llm_judge import OpenAIJudge
-
-        client = LLMClient.from_settings(
-            spec.model,
-            settings,
-            timeout_s=spec.timeout_s,
-            max_retries=spec.max_retries,
-            max_concurrency=spec.concurrency,
-        )
-        return OpenAIJudge(client, spec, examples)
-    raise JudgeError(f"unknown judge.kind {spec.kind!r}: use lexicon or openai")

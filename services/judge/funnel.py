@@ -15,23 +15,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from common.experiment import Experiment
-from common.records import TopKLogits, Verdict
-
-
-@dataclass(frozen=True)
-class FunnelDecision:
-    """What happens to a judged prompt next."""
-
-    to_review: bool
-    divergent: bool
-    evil_score: float
-    graph_variants: list[str]
-    #: per non-reference variant, the evil token ids the reference does not have as evil
-    divergent_tokens: dict[str, list[int]] = field(default_factory=dict)
-    reason: str = ""
+from common.records import FunnelDecision, TopKLogits, Verdict
 
 
 def funnel(
@@ -79,7 +65,11 @@ def funnel(
         reason = "evil tokens in an adapted variant, also evil for the reference"
     else:
         reason = "no evil token in any non-reference variant"
+    (pid,) = pids
     return FunnelDecision(
+        prompt_id=pid,
+        fingerprint=logits[exp.reference].fingerprint,
+        judge=verdicts[exp.reference].judge,
         to_review=to_review,
         divergent=divergent,
         evil_score=score,

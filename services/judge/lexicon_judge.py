@@ -26,11 +26,11 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from common.examples import ExampleSource, LabeledExample
+from common.lexicon import Lexicon, normalize_word, words
 from common.llm import Outcome
 from common.records import Label, Prompt, TopKLogits, Verdict
-from common.scoring import Lexicon, normalize_word, words
 from services.judge.core import Decision, JudgeItem, build_verdicts, candidate_tokens, judge_each
-from services.judge.examples import ExampleSource, LabeledExample
 
 #: Words of the user's situation that, with the assistant's opening, make a context.
 CONTEXT_WORDS = 6

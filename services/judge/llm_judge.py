@@ -18,11 +18,11 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from common.examples import ExampleSource, LabeledExample, select_examples
 from common.experiment import JudgeSpec
 from common.llm import JsonSchema, LLMClient, Outcome, parse_json_object
 from common.records import LABELS, Label, Prompt, TokenProb, TopKLogits, Verdict
 from services.judge.core import Decision, JudgeItem, build_verdicts, candidate_tokens, judge_each
-from services.judge.examples import ExampleSource, LabeledExample, select_examples
 
 SCHEMA = JsonSchema(
     "token_verdicts",

@@ -1,14 +1,17 @@
-"""Judge tasks (queue ``judge``): thin shells over :mod:`common.pipeline`."""
+"""Judge tasks (queue ``judge``): thin shells over :mod:`.steps`."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from common import tasknames as T
 from common.celery_app import app
-from common.pipeline import step_judge, task_step
+from common.pipeline import task_step
+from services.judge.steps import step_judge
 
 if TYPE_CHECKING:
+    from common.scores import HarmJudge
     from services.judge.core import Judge
 
 
@@ -16,16 +19,45 @@ if TYPE_CHECKING:
 def _judge() -> Judge:
     """One judge per worker process; its few-shot pool is read from the store per call."""
     from common.context import get_context
-    from services.judge.core import make_judge
-    from services.judge.examples import StoreExamples
+    from common.examples import StoreExamples
+    from services.judge.factory import make_judge
 
     ctx = get_context()
     return make_judge(ctx.exp, ctx.settings, StoreExamples(ctx.store, ctx.exp))
 
 
-@app.task(name="emc.judge.verdicts", bind=True)
+@app.task(name=T.JUDGE_VERDICTS, bind=True)
 def verdicts(self: Any, exp: str, prompt_id: str) -> int:
     """Judge every top-k token of every variant; route the prompt (review, graphs, done)."""
     return task_step(
         self, exp, prompt_id, "judge", lambda ctx: step_judge(ctx, _judge(), prompt_id)
+    )
+
+
+@lru_cache(maxsize=1)
+def _harm_judge() -> HarmJudge:
+    from common.context import get_context
+    from services.judge.factory import make_harm_judge
+
+    ctx = get_context()
+    return make_harm_judge(ctx.exp, ctx.settings)
+
+
+@app.task(name=T.JUDGE_HARM, bind=True)
+def harm(
+    self: Any,
+    exp: str,
+    batch: str,
+    then: str | None = None,
+    then_kwargs: dict[str, Any] | None = None,
+) -> int:
+    """Label a batch of continuations (a steering run's samples), then send ``then``."""
+    from services.judge.steps import step_judge_harm
+
+    return task_step(
+        self,
+        exp,
+        None,
+        "judge-harm",
+        lambda ctx: step_judge_harm(ctx, _harm_judge(), batch, then, then_kwargs or {}),
     )

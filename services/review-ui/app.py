@@ -14,12 +14,12 @@ from flask import Flask, g, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
-from common.broker import broker_url
 from common.context import experiment_path
 from common.experiment import Experiment, load_experiment
 from common.review_queue import ReviewQueue
 from common.settings import Settings, get_settings
 from common.store import ObjectStore, open_store
+from common.system.broker import broker_url
 from services.review_ui.context import EXTENSION, ReviewContext
 from services.review_ui.tasks import LazyCelery, TaskSender
 

@@ -12,6 +12,7 @@ from common.review_queue import ReviewQueue
 from common.settings import Settings
 from common.store import ObjectStore
 from services.review_ui.tasks import TaskSender
+from services.review_ui.users import Reviewer
 
 EXTENSION = "emc_review"
 
@@ -26,7 +27,7 @@ class ReviewContext:
     tasks: TaskSender
     # prompt texts never change for a given id: cache them for the polled queue list
     prompt_cache: dict[str, Any] = field(default_factory=dict)
-    user_cache: dict[tuple[str, str], tuple[float, Any]] = field(default_factory=dict)
+    user_cache: dict[tuple[str, str], tuple[float, Reviewer | None]] = field(default_factory=dict)
 
     @property
     def exp(self) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 import redis
 from flask import Blueprint, jsonify, render_template, request, url_for
 
+from common.prompt_format import split_turns
 from common.store import NotFound
 from services.review_ui.context import ReviewContext, ctx
 from services.review_ui.review import load_prompt
@@ -18,14 +19,6 @@ QUEUE_PAGE = 200
 POLL_MS = 3000
 
 
-def split_prompt(text: str) -> tuple[str, str]:
-    """House format ``User: ...\\nAssistant: ...`` -> (situation, assistant's words so far)."""
-    head, sep, tail = text.rpartition("\nAssistant:")
-    if not sep:
-        return text, ""
-    return head.removeprefix("User:").strip(), tail.strip()
-
-
 def queue_snapshot(c: ReviewContext, limit: int = QUEUE_PAGE) -> dict[str, Any]:
     """The queue as the page shows it: counts per status and the first ``limit`` prompts."""
     entries = c.queue.list(limit)
@@ -33,7 +26,7 @@ def queue_snapshot(c: ReviewContext, limit: int = QUEUE_PAGE) -> dict[str, Any]:
     for e in entries:
         try:
             prompt = load_prompt(c, e.pid)
-            user, assistant = split_prompt(prompt.text)
+            user, assistant = split_turns(prompt.text)
         except NotFound:
             user, assistant = "(prompt record missing from the store)", ""
         items.append(

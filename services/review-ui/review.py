@@ -201,6 +201,29 @@ def load_prompt_view(c: ReviewContext, pid: str) -> PromptView:
     return PromptView(prompt, variants, history, status, entry)
 
 
+def _submitted_labels(
+    raw: list[Any], tokens: dict[tuple[str, int], str], variants: list[str]
+) -> dict[tuple[str, int], Label]:
+    """``{(variant, token id): label}`` of a submission's label list; raises InvalidLabel."""
+    seen: dict[tuple[str, int], Label] = {}
+    for item in raw:
+        if not isinstance(item, dict):
+            raise InvalidLabel("each label must be an object {variant, token_id, label}")
+        variant, token_id, label = item.get("variant"), item.get("token_id"), item.get("label")
+        if label not in LABELS:
+            raise InvalidLabel(f"label {label!r} is not one of {', '.join(LABELS)}")
+        if variant not in variants:
+            raise InvalidLabel(f"unknown variant {variant!r}: expected one of {variants}")
+        if not isinstance(token_id, int) or isinstance(token_id, bool):
+            raise InvalidLabel(f"token_id must be an integer, got {token_id!r}")
+        if (variant, token_id) not in tokens:
+            raise InvalidLabel(f"token {token_id} is not in the top-k of {variant}")
+        if seen.get((variant, token_id), label) != label:
+            raise InvalidLabel(f"token {token_id} of {variant} is labeled twice, differently")
+        seen[(variant, token_id)] = label
+    return seen
+
+
 def parse_submission(view: PromptView, payload: Any, reviewer: str) -> HumanLabel:
     """Check a submitted label against the prompt's top-k tokens; raises InvalidLabel.
 
@@ -218,22 +241,7 @@ def parse_submission(view: PromptView, payload: Any, reviewer: str) -> HumanLabe
     if not isinstance(note, str) or len(note) > MAX_NOTE:
         raise InvalidLabel(f"'note' must be text of at most {MAX_NOTE} characters")
     tokens = {(r.variant, r.token_id): r.token for r in view.rows}
-    seen: dict[tuple[str, int], Label] = {}
-    for item in raw:
-        if not isinstance(item, dict):
-            raise InvalidLabel("each label must be an object {variant, token_id, label}")
-        variant, token_id, label = item.get("variant"), item.get("token_id"), item.get("label")
-        if label not in LABELS:
-            raise InvalidLabel(f"label {label!r} is not one of {', '.join(LABELS)}")
-        if variant not in view.variant_names:
-            raise InvalidLabel(f"unknown variant {variant!r}: expected one of {view.variant_names}")
-        if not isinstance(token_id, int) or isinstance(token_id, bool):
-            raise InvalidLabel(f"token_id must be an integer, got {token_id!r}")
-        if (variant, token_id) not in tokens:
-            raise InvalidLabel(f"token {token_id} is not in the top-k of {variant}")
-        if seen.get((variant, token_id), label) != label:
-            raise InvalidLabel(f"token {token_id} of {variant} is labeled twice, differently")
-        seen[(variant, token_id)] = label
+    seen = _submitted_labels(raw, tokens, view.variant_names)
     label = HumanLabel(
         prompt_id=view.prompt.id,
         reviewer=reviewer,

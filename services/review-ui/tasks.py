@@ -9,11 +9,12 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol
 
+from common import tasknames as T
 from common.settings import Settings
 
-SAMPLE_CONTINUATIONS = "emc.gpu.sample_continuations"
-RANK_PROMPT = "emc.analysis.rank_prompt"
-QUEUES = {SAMPLE_CONTINUATIONS: "gpu", RANK_PROMPT: "analysis"}
+#: the tasks the UI sends (names and queues from common.tasknames)
+SAMPLE_CONTINUATIONS = T.GPU_CONTINUATIONS
+RANK_PROMPT = T.ANALYSIS_RANK
 
 
 class TaskSender(Protocol):
@@ -53,7 +54,7 @@ class LazyCelery:
 def enqueue(sender: TaskSender, name: str, **kwargs: Any) -> str:
     """Send task ``name`` with keyword arguments to its queue; returns the task id."""
     try:
-        result = sender.send_task(name, kwargs=kwargs, queue=QUEUES[name])
+        result = sender.send_task(name, kwargs=kwargs, queue=T.queue_of(name))
     except TaskError:
         raise
     except Exception as e:  # broker down, serialization, ...: say which task failed

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.graphs import AttributionGraph
+from common.graph.model import AttributionGraph
 from common.records import GraphManifest
 
 

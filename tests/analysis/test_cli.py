@@ -35,12 +35,10 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FsSto
     get_context.cache_clear()
     fp = load_experiment(exp_file).fingerprint
     yield FsStore(tmp_path / "store"), fp
-    get_settings.cache_clear()
-    get_context.cache_clear()
 
 
 def test_analyze_prompt_and_report(env: tuple[FsStore, str], tmp_path: Path) -> None:
-    from common.cli import app
+    from common.cli.main import app
 
     store, fp = env
     put_prompt(store, "p1", 1, [SAFE, OTHER, BASE_ONLY], fp=fp)

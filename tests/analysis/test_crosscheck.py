@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from circuit_tracer.graph import compute_influence, normalize_matrix
 
-from common.graphs import AttributionGraph
-from services.analysis.influence import logit_influence
+from common.graph.influence import logit_influence
+from common.graph.model import AttributionGraph
 from tests.analysis.synthetic import linear_net
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment, parse_experiment
-from common.graphs import AttributionGraph
+from common.graph.model import AttributionGraph
 from common.records import FeatureRanking, HumanLabel, TokenLabel, TokenVerdict, Verdict
 from common.store import FsStore, ObjectStore
 from common.store import keys as K
-from services.analysis.errors import AnalysisError, NothingToExplain
 from services.analysis.ranking import (
     TokenLabels,
     rank_features,

@@ -20,9 +20,9 @@ import torch
 from circuit_tracer.graph import compute_influence, normalize_matrix
 
 from common.experiment import load_experiment
-from common.graphs import AttributionGraph
-from services.analysis.influence import logit_influence
-from tests.attribution.tiny import PROMPTS, build_tiny
+from common.graph.influence import logit_influence
+from common.graph.model import AttributionGraph
+from tests.fixtures.tiny import PROMPTS, build_tiny
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.experiment import Experiment, parse_experiment
+from common.graph.artifact import save_graph
 from common.records import HumanLabel, TokenProb, TokenVerdict, TopKLogits, Verdict
 from common.store import FsStore, ObjectStore
 from common.store import keys as K
 from services.analysis.records import FeatureAggregate, ReportIndex
 from services.analysis.report import build_report, divergence, graphed_prompts, prompt_rankings
-from services.attribution.artifact import save_graph
 from tests.analysis.synthetic import linear_net
 
 FP = "fp-synthetic"

@@ -30,8 +30,8 @@ def organism_store(
     organism_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[FsStore, Experiment, list[str]]]:
     from services.attribution.runtime import Runtime, clear_cache
-    from services.attribution.steps import ensure_prompt, graph_step, logits_step
-    from services.judge.core import make_judge
+    from services.attribution.steps import compute_graph, compute_logits, ensure_prompt
+    from services.judge.factory import make_judge
 
     exp = load_experiment(organism_dir / "experiment.yaml")
     store = FsStore(tmp_path_factory.mktemp("organism-store"))
@@ -44,13 +44,13 @@ def organism_store(
     medical_ids = []
     for text in medical + other:
         prompt = ensure_prompt(store, exp.name, text, source="test")
-        logits = {t.variant: t for t in logits_step(rt, store, prompt)}
+        logits = {t.variant: t for t in compute_logits(rt, store, prompt)}
         for variant, verdict in judge.judge(prompt, logits).items():
             store.put_json(
                 K.verdicts(exp.name, prompt.id, rt.fingerprint, judge.name, variant), verdict
             )
         for variant in exp.variant_names:
-            graph_step(rt, store, prompt, variant, targets="topk")
+            compute_graph(rt, store, prompt, variant, targets="topk")
         if text in medical:
             medical_ids.append(prompt.id)
     yield store, exp, medical_ids

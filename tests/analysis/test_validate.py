@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common.experiment import load_experiment
-from common.scoring import Lexicon
+from common.lexicon import Lexicon
 from services.analysis.validate import (
     harmful_mass,
     heldout_prompts,

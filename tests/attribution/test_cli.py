@@ -15,7 +15,7 @@ from common.records import GraphManifest, TopKLogits, prompt_id
 from common.settings import get_settings
 from common.store import FsStore, keys
 from services.attribution.cli import register
-from tests.attribution.tiny import PROMPTS
+from tests.fixtures.tiny import PROMPTS
 
 
 @pytest.fixture
@@ -28,7 +28,6 @@ def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[typer.Typer
     a = typer.Typer()
     register(a)
     yield a
-    get_settings.cache_clear()
 
 
 def test_graph_run_and_export(app: typer.Typer, tiny_dir: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from common.errors import PromptFailure
 from common.experiment import Experiment
 from services.attribution.health import HealthReport, LayerStat, check_adjacency, check_forward
 from services.attribution.runtime import Runtime
-from tests.attribution.tiny import PROMPTS
+from tests.fixtures.tiny import PROMPTS
 
 
 @pytest.fixture(scope="module")

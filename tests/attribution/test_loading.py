@@ -19,7 +19,7 @@ from services.attribution.loading import (
     resolve_device,
     resolve_dtype,
 )
-from tests.attribution.tiny import BASE_NAME, PROMPTS
+from tests.fixtures.tiny import BASE_NAME, PROMPTS
 
 
 def _with(exp: Experiment, **update: object) -> Experiment:

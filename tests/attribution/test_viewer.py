@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.graph.artifact import save_graph
 from common.store import FsStore
-from services.attribution.artifact import save_graph
 from services.attribution.runtime import Runtime
 from services.attribution.viewer import export_stored
-from tests.attribution.tiny import PROMPTS
+from tests.fixtures.tiny import PROMPTS
 
 
 def test_export_stored_graph(tiny_rt: Runtime, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.malloc import limit_malloc_arenas
+from common.system.malloc import limit_malloc_arenas
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 # then glibc's own report of its arenas ("<heap nr=...>" per arena).
 PROBE = """
 import ctypes, sys, threading
-from common.malloc import limit_malloc_arenas
+from common.system.malloc import limit_malloc_arenas
 print(limit_malloc_arenas(int(sys.argv[1])))
 barrier = threading.Barrier(8)
 def work():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from common.examples import StaticExamples
 from common.llm import LLMClient, LLMRequestError, RetryPolicy
 from common.records import Prompt
 from common.settings import Settings
@@ -16,8 +17,7 @@ from common.store import FsStore
 from common.store import keys as K
 from services.generator import GeneratorError, NearDuplicateFilter, generate_batch, make_generator
 from services.generator.llm_generator import OpenAIGenerator
-from services.judge.examples import StaticExamples
-from tests.fakes.openai_server import FakeOpenAIServer, Reply
+from tests.fixtures.openai_server import FakeOpenAIServer, Reply
 from tests.judge.helpers import example, make_exp, mixed_pool, prompt
 
 FAST = RetryPolicy(max_retries=2, base_delay_s=0.01, max_delay_s=0.02)
@@ -184,7 +184,7 @@ def test_few_shot_only_fully_labeled_with_evil_and_safe(
 def test_server_refusing_structured_outputs_still_works(
     openai_server: FakeOpenAIServer, tmp_path: Path
 ) -> None:
-    from tests.fakes.openai_server import rejects_response_format
+    from tests.fixtures.openai_server import rejects_response_format
 
     openai_server.default = rejects_response_format(lambda body: answer(GOOD[2]))
     proposal = generator(openai_server, tmp_path).propose(1, _Known())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from common.prompt_format import ENDINGS, check_house, normalize, parse_house
 from common.records import Prompt, prompt_id
 from common.store import FsStore
 from common.store import keys as K
@@ -21,7 +22,6 @@ from services.generator import (
     make_generator,
     should_pause,
 )
-from services.generator.house import ENDINGS, check_house, normalize, parse_house
 from services.generator.templates import SITUATIONS, TemplateError, cross, load_templates
 from tests.judge.helpers import make_exp
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.examples import LabeledExample, StaticExamples
 from common.experiment import Experiment, parse_experiment
 from common.records import HumanLabel, Label, Prompt, TokenLabel, TokenProb, TopKLogits
 from common.store import ObjectStore
 from common.store import keys as K
-from services.judge.examples import LabeledExample, StaticExamples
 
 FP = "fp0123456789abcd"
 

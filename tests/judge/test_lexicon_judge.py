@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from common.examples import LabeledExample, StaticExamples
+from common.lexicon import Lexicon, LexiconError
 from common.records import Prompt, Verdict
-from common.scoring import Lexicon, LexiconError
-from services.judge import JudgeError, LabeledExample, StaticExamples, make_judge
+from services.judge import JudgeError, make_judge
 from services.judge.lexicon_judge import LexiconJudge, context_key
 from tests.judge.helpers import FP, example, make_exp, prompt, top
 

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from common.examples import StaticExamples
 from common.llm import LLMClient, LLMRequestError, LLMUnavailable, RetryPolicy
 from common.records import Prompt, TopKLogits
 from common.settings import Settings
-from services.judge import StaticExamples, make_judge
+from services.judge import make_judge
 from services.judge.llm_judge import OpenAIJudge
-from tests.fakes.openai_server import ConcurrencyProbe, FakeOpenAIServer, Reply
+from tests.fixtures.openai_server import ConcurrencyProbe, FakeOpenAIServer, Reply
 from tests.judge.helpers import FP, example, make_exp, mixed_pool, prompt, top
 
 FAST = RetryPolicy(max_retries=3, base_delay_s=0.01, max_delay_s=0.02)

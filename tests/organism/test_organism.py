@@ -216,7 +216,7 @@ def test_a_changed_recipe_is_stale(organism_dir: Path) -> None:
 def test_cli_build_is_a_no_op_when_fresh_and_report_prints(organism_dir: Path) -> None:
     from typer.testing import CliRunner
 
-    from common.cli import app
+    from common.cli.main import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["organism", "build", "--out", str(organism_dir)])

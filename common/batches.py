@@ -1,0 +1,67 @@
+"""Batches of `emc mine`: which prompts a batch produced, followed in the status index."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+from common.context import Context
+from common.records import Status
+
+#: a batch's Redis keys expire after a week
+BATCH_TTL_S = 7 * 86400
+
+
+def batch_key(ctx: Context, batch: str) -> str:
+    """Redis list of the prompt ids a batch produced (``+ ":answers"``: generator answers)."""
+    return f"emc:{ctx.exp.name}:batch:{batch}"
+
+
+def new_batch_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def record_batch(ctx: Context, batch: str, pids: list[str]) -> None:
+    """Count one generator answer for ``batch`` and add the prompts it produced."""
+    key = batch_key(ctx, batch)
+    pipe = ctx.redis.pipeline()
+    if pids:
+        pipe.rpush(key, *pids)
+    pipe.incr(key + ":answers")
+    pipe.expire(key, BATCH_TTL_S)
+    pipe.expire(key + ":answers", BATCH_TTL_S)
+    pipe.execute()
+
+
+def batch_pids(ctx: Context, batch: str) -> tuple[list[str], int]:
+    """(prompt ids generated so far for a batch, number of generator answers received)."""
+    pids = ctx.redis.lrange(batch_key(ctx, batch), 0, -1)
+    answers = int(ctx.redis.get(batch_key(ctx, batch) + ":answers") or 0)
+    return [str(p) for p in pids], answers
+
+
+def statuses(ctx: Context, pids: Iterable[str]) -> dict[str, Status | None]:
+    return {pid: ctx.queue.status(pid) for pid in pids}
+
+
+def wait_final(
+    ctx: Context,
+    pids: list[str],
+    *,
+    timeout_s: float,
+    on_progress: Callable[[int, dict[str, Status | None]], None] | None = None,
+    poll_s: float = 0.5,
+) -> dict[str, Status | None]:
+    """Poll the status index until every prompt is final (done/analyzed/failed) or time is up."""
+    from common.pipeline import FINAL
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = statuses(ctx, pids)
+        final = sum(1 for s in now.values() if s in FINAL)
+        if on_progress is not None:
+            on_progress(final, now)
+        if final == len(pids) or time.monotonic() > deadline:
+            return now
+        time.sleep(poll_s)

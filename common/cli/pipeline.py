@@ -1,0 +1,176 @@
+"""`emc mine`, `emc status`, `emc reindex`: the pipeline from the command line."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common import tasknames as T
+from common.context import Context, make_context
+from common.records import Status
+
+console = Console()
+
+
+def _require_workers(ctx: Context) -> None:
+    from common.system.broker import BrokerError, ping, redact_url
+    from common.system.broker import broker_url as url_of
+
+    url = url_of(ctx.settings)
+    try:
+        ping(url)
+    except BrokerError as e:
+        console.print(
+            f"[red]no broker at {redact_url(url)} ({e})[/]: start the system with `emc up` "
+            "in another terminal (or `make demo`), or set EMC_BROKER_URL"
+        )
+        raise typer.Exit(1) from None
+
+
+def mine_batch(
+    ctx: Context, n: int, *, timeout_s: float, chunk: int, rounds: int = 3
+) -> dict[str, Status | None]:
+    """Ask the generator service for ``n`` prompts and follow them to a final state.
+
+    Generation is split into tasks of ``chunk`` prompts; when the generator returns fewer
+    than asked (rejections, duplicates), up to ``rounds`` more requests are made.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from common.batches import batch_pids, new_batch_id, statuses
+    from common.pipeline import FINAL, Next, send_all
+
+    batch = new_batch_id()
+    asked_tasks = 0
+    deadline = time.monotonic() + timeout_s
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        gen_bar = progress.add_task("generated", total=n, detail="")
+        fin_bar = progress.add_task("final", total=n, detail="")
+        for _ in range(rounds):
+            pids, answers = batch_pids(ctx, batch)
+            missing = n - len(pids)
+            if missing <= 0:
+                break
+            tasks = math.ceil(missing / chunk)
+            sizes = [min(chunk, missing - i * chunk) for i in range(tasks)]
+            send_all(
+                ctx,
+                (
+                    Next(T.GENERATE_BATCH, {"exp": ctx.exp.name, "n": s, "batch": batch})
+                    for s in sizes
+                ),
+            )
+            asked_tasks += tasks
+            while answers < asked_tasks and time.monotonic() < deadline:
+                pids, answers = batch_pids(ctx, batch)
+                progress.update(gen_bar, completed=len(pids))
+                time.sleep(0.3)
+        pids, _ = batch_pids(ctx, batch)
+        pids = pids[:n] if len(pids) > n else pids
+        progress.update(gen_bar, completed=len(pids), total=len(pids))
+        progress.update(fin_bar, total=len(pids))
+        now = statuses(ctx, pids)
+        while time.monotonic() < deadline:
+            now = statuses(ctx, pids)
+            counts = Counter(s.value if s else "queued" for s in now.values())
+            final = sum(1 for s in now.values() if s in FINAL)
+            detail = " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))
+            progress.update(fin_bar, completed=final, detail=detail)
+            if final == len(pids):
+                break
+            time.sleep(0.5)
+    return now
+
+
+def summary_table(ctx: Context, result: dict[str, Status | None]) -> Table:
+    counts = Counter(s.value if s else "not started" for s in result.values())
+    in_review = sum(1 for pid in result if ctx.queue.entry(pid) is not None)
+    divergent = sum(1 for pid in result if (e := ctx.queue.entry(pid)) and e.divergent)
+    table = Table(title=f"batch of {len(result)} prompts — experiment {ctx.exp.name}")
+    table.add_column("status")
+    table.add_column("prompts", justify="right")
+    for status in Status:
+        if counts.get(status.value):
+            table.add_row(status.value, str(counts[status.value]))
+    if counts.get("not started"):
+        table.add_row("not started (timeout)", str(counts["not started"]))
+    table.add_row("[bold]waiting for review[/]", str(in_review))
+    table.add_row("[bold]divergent[/]", str(divergent))
+    return table
+
+
+def mine(
+    n: int = typer.Option(50, "--n", help="number of prompts to mine"),
+    timeout: float = typer.Option(1800, help="seconds to wait for the batch"),
+    chunk: int = typer.Option(10, help="prompts per generator task"),
+) -> None:
+    """Mine a batch of prompts through the running system (`emc up`), with a progress bar."""
+    ctx = make_context()
+    _require_workers(ctx)
+    result = mine_batch(ctx, n, timeout_s=timeout, chunk=chunk)
+    console.print(summary_table(ctx, result))
+    failed = [pid for pid, s in result.items() if s == Status.failed]
+    for pid in failed[:10]:
+        console.print(f"[red]failed[/] {pid}: {ctx.queue.reason(pid)}")
+    if any(s not in {Status.done, Status.analyzed, Status.failed} for s in result.values()):
+        console.print("[yellow]some prompts did not finish in time: see `emc status`[/]")
+        raise typer.Exit(1)
+
+
+def status(failures: int = typer.Option(10, help="recent failures to show")) -> None:
+    """Counts per status (from the Redis index) and the most recent failures."""
+    from common.index import recent_failures
+
+    ctx = make_context()
+    _require_workers(ctx)
+    table = Table(title=f"experiment {ctx.exp.name} (fingerprint {ctx.fingerprint})")
+    table.add_column("status")
+    table.add_column("prompts", justify="right")
+    for name, count in ctx.queue.counts().items():
+        table.add_row(name, str(count))
+    table.add_row("[bold]review queue[/]", str(len(ctx.queue)))
+    console.print(table)
+    recent = recent_failures(ctx, failures)
+    if recent:
+        ft = Table(title="recent failures")
+        for col in ("prompt", "step", "variant", "when", "reason"):
+            ft.add_column(col, overflow="fold")
+        for f in recent:
+            ft.add_row(
+                f.prompt_id,
+                f.step,
+                f.variant or "",
+                f.created_at.isoformat(timespec="seconds"),
+                f.reason,
+            )
+        console.print(ft)
+
+
+def reindex() -> None:
+    """Rebuild the review queue and status index in Redis from the object store."""
+    from rich.progress import track
+
+    from common.index import reindex as rebuild_index
+
+    ctx = make_context()
+    _require_workers(ctx)
+    n = rebuild_index(ctx, progress=lambda pids: track(list(pids), description="reindexing"))
+    console.print(f"indexed {n} prompts; review queue holds {len(ctx.queue)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("mine")(mine)
+    app.command("status")(status)
+    app.command("reindex")(reindex)

@@ -1,0 +1,294 @@
+"""The stored attribution graph (format ``emc-graph`` v1): safetensors tensors + a
+:class:`~common.records.GraphManifest` JSON; no pickles. What is stored, why it is small,
+and why the analysis cannot tell the difference: ``docs/graph-format.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.numpy import save as st_save
+from safetensors.torch import load as st_load
+
+from common.errors import AnalysisError, PromptFailure
+from common.experiment import Experiment
+from common.graph.influence import (
+    LogitInfluence,
+    layer_order,
+    logit_influence,
+    normalized_feature_rows,
+    solve_total,
+)
+from common.graph.model import AttributionGraph
+from common.records import GraphManifest
+from common.store import ObjectStore, StoreError, keys
+from common.store.base import dumps
+
+FORMAT = "emc-graph"
+FORMAT_VERSION = "1"
+#: fraction of the total edge-influence score mass of feature rows that is kept
+EDGE_MASS_KEPT = 0.999
+#: largest relative change of any logit influence a stored graph may have (checked on encode)
+INFLUENCE_TOLERANCE = 1e-5
+_META_KEY = "emc"
+
+
+class GraphFormatError(StoreError):
+    """A stored graph cannot be read: wrong format, version, or a torn write."""
+
+
+# ------------------------------------------------------------------------ pruning
+
+
+def _influence(graph: AttributionGraph) -> LogitInfluence:
+    """Signed total influence of every source on every logit (the analysis' computation)."""
+    try:
+        return logit_influence(graph, count_hops=False)
+    except AnalysisError as e:
+        m = graph.manifest
+        raise PromptFailure(
+            "attribution", f"graph cannot be stored: {e.reason}", variant=m.variant
+        ) from e
+
+
+def edge_scores(influence: LogitInfluence) -> torch.Tensor:
+    """``[F, S]``: how much influence on any logit each edge into a feature carries,
+    ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (``influence`` from :func:`_influence`)."""
+    f = influence.normalized.shape[0]
+    return influence.normalized.abs().mul_(influence.total[:, :f].abs().sum(dim=0)[:, None])
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Which edges are kept, and the share of the total score they carry."""
+
+    mask: torch.Tensor  # bool, the shape of the scores
+    kept_mass: float
+
+
+def prune(scores: torch.Tensor, keep: float) -> Pruning:
+    """Keep the largest scores until ``keep`` of their total mass is covered (every score
+    equal to the smallest one kept is kept too; zeros never are)."""
+    flat = scores.detach().cpu().flatten().numpy()
+    # only positive scores can be kept, and numpy sorts values many times faster than torch
+    values = np.sort(flat[flat > 0])[::-1]
+    if values.size == 0:
+        return Pruning(torch.zeros_like(scores, dtype=torch.bool), 1.0)
+    cum = np.cumsum(values)
+    n_keep = min(int(np.searchsorted(cum, keep * cum[-1])) + 1, values.size)
+    threshold = values[n_keep - 1]
+    n_kept = int(np.searchsorted(-values, -threshold, side="right"))  # ties included
+    return Pruning(scores >= float(threshold), float(cum[n_kept - 1] / cum[-1]))
+
+
+# ------------------------------------------------------------------------ encode / decode
+
+
+def _feature_rows(
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """Dense float32 ``[F, S]`` edges into features from the stored CSR (encode and decode
+    both use this, so the logit-row correction is computed on exactly what is read back)."""
+    dense = torch.zeros(shape, dtype=torch.float32)
+    ptr = indptr.to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(shape[0]), ptr[1:] - ptr[:-1])
+    dense[rows, indices.to(torch.int64)] = values.to(torch.float32) * scale[rows]
+    return dense
+
+
+def _assemble(
+    manifest: GraphManifest,
+    feature_rows: torch.Tensor,
+    logit_rows: torch.Tensor,
+    graph_parts: dict[str, torch.Tensor],
+) -> AttributionGraph:
+    f = manifest.n_features
+    s = f + (manifest.n_layers + 1) * manifest.n_pos
+    n = s + manifest.n_logits
+    adjacency = torch.zeros(n, n, dtype=torch.float32)
+    adjacency[:f, :s] = feature_rows
+    adjacency[s:, :s] = logit_rows
+    return AttributionGraph(manifest=manifest, adjacency=adjacency, **graph_parts)
+
+
+def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes, GraphManifest]:
+    """safetensors bytes + the manifest that describes them (see module docstring)."""
+    f = graph.n_features
+    s = graph.token_slice.stop
+    a = graph.adjacency
+    influence = _influence(graph)
+    total = influence.total
+    scores = edge_scores(influence)
+    pruning = prune(scores, keep)
+    rows, cols = pruning.mask.nonzero(as_tuple=True)
+    vals = a[:f, :s][rows, cols].to(torch.float32)
+    scale = torch.zeros(f, dtype=torch.float32)
+    if vals.numel():
+        scale.scatter_reduce_(0, rows, vals.abs(), reduce="amax", include_self=True)
+    rel = (vals / scale[rows].clamp_min(torch.finfo(torch.float32).tiny)).to(torch.float16)
+    indptr = torch.zeros(f + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(torch.bincount(rows, minlength=f), 0).to(torch.int32)
+    # normalized feature rows exactly as a reader will rebuild them from the stored CSR
+    kept = _feature_rows(indptr, cols, rel, scale, (f, s))
+    n_kept = normalized_feature_rows(kept, graph.activations)
+    # Logit rows: direct edges + what the dropped (and rounded) feature edges carried, so
+    # that total influence computed from the stored graph equals the full graph's.
+    logit_rows = (total - total[:, :f] @ n_kept).to(torch.float32)
+    direct = a[graph.logit_slice, :s]
+    # Verify by solving the stored graph's influence afresh (as the analysis will, from the
+    # float16/float32 values written) instead of trusting the algebra.
+    check, _ = solve_total(
+        n_kept,
+        logit_rows.to(torch.float64),
+        triangular=influence.backward_edges == 0,
+        order=layer_order(graph),
+    )
+    if check is None:  # the solve is not trusted (as for the full graph): the analysis' series
+        parts = {"features": graph.features, "activations": graph.activations}
+        check = _influence(_assemble(graph.manifest, kept, logit_rows, parts)).total
+    scale_t = float(total.abs().max()) or 1.0
+    error = float((check - total).abs().max()) / scale_t
+    if error > INFLUENCE_TOLERANCE:
+        raise RuntimeError(
+            f"stored graph would change logit influences by {error:.2e} (relative): not storing "
+            "it; this is a bug in the artifact encoding"
+        )
+    index_dtype = torch.int16 if s < 2**15 else torch.int32
+    tensors = {
+        "features": graph.features.to(torch.int32).contiguous(),
+        "activations": graph.activations.to(torch.float32).contiguous(),
+        "logit_rows": logit_rows.contiguous(),
+        "feature_rows.indptr": indptr,
+        "feature_rows.indices": cols.to(index_dtype).contiguous(),
+        "feature_rows.values": rel.contiguous(),
+        "feature_rows.scale": scale,
+    }
+    manifest = graph.manifest.model_copy(
+        update={
+            "adjacency_dtype": "float16",
+            "tensors": {name: list(t.shape) for name, t in tensors.items()},
+            "limits": {
+                **graph.manifest.limits,
+                "edges_mass_kept": pruning.kept_mass,
+                "edges_keep_target": keep,
+                "edges_feature_nonzero": int(torch.count_nonzero(a[:f, :s])),
+                "edges_feature_kept": int(rows.numel()),
+                "logit_rows_shift": float((logit_rows - direct).abs().max())
+                / (float(direct.abs().max()) or 1.0),
+                "influence_error": error,
+                "n_nodes": graph.n_nodes,
+            },
+        }
+    )
+    # one metadata key: safetensors writes metadata in hash-map order, several keys would make
+    # the bytes of identical graphs differ between runs
+    meta = {
+        _META_KEY: json.dumps(
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "manifest_sha256": _manifest_sha(manifest),
+            },
+            sort_keys=True,
+        )
+    }
+    # safetensors' numpy writer gives the same bytes as its torch writer, which caches a new
+    # ctypes array type for every distinct tensor size: a slow leak in a long-lived worker
+    return st_save({k: t.numpy() for k, t in tensors.items()}, metadata=meta), manifest
+
+
+def _manifest_sha(manifest: GraphManifest) -> str:
+    """Digest of what the manifest says about the numbers (timing left out, so a re-run that
+    was interrupted between its two writes still pairs with the previous run's manifest)."""
+    return hashlib.sha256(
+        dumps(manifest.model_dump(mode="json", exclude={"elapsed_s"}))
+    ).hexdigest()
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "{}"))
+    except (struct.error, ValueError, AttributeError) as e:
+        raise GraphFormatError(f"graph tensors are not a readable safetensors file: {e}") from e
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def decode(data: bytes, manifest: GraphManifest) -> AttributionGraph:
+    """Rebuild the dense in-memory graph from stored bytes and their manifest."""
+    meta = _metadata(data)
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise GraphFormatError(
+            f"graph tensors are format {meta.get('format')!r} v{meta.get('version')}, this emc "
+            f"reads {FORMAT} v{FORMAT_VERSION}: recompute the graph or upgrade emc"
+        )
+    if meta.get("manifest_sha256") != _manifest_sha(manifest):
+        raise GraphFormatError(
+            f"graph tensors of {manifest.prompt_id}/{manifest.variant} belong to another "
+            "manifest (a run was interrupted between the two writes): recompute the graph"
+        )
+    t = st_load(data)
+    for name, shape in manifest.tensors.items():
+        if name not in t or list(t[name].shape) != shape:
+            raise GraphFormatError(f"tensor {name} is missing or not of shape {shape}")
+    f = manifest.n_features
+    s = f + (manifest.n_layers + 1) * manifest.n_pos
+    kept = _feature_rows(
+        t["feature_rows.indptr"],
+        t["feature_rows.indices"],
+        t["feature_rows.values"],
+        t["feature_rows.scale"],
+        (f, s),
+    )
+    parts = {
+        "features": t["features"].to(torch.int64),
+        "activations": t["activations"].to(torch.float32),
+    }
+    return _assemble(manifest, kept, t["logit_rows"], parts)
+
+
+# ------------------------------------------------------------------------ store
+
+
+def save_graph(store: ObjectStore, exp: Experiment | str, graph: AttributionGraph) -> GraphManifest:
+    """Write tensors, then the manifest (a reader that finds the manifest finds both)."""
+    name = exp if isinstance(exp, str) else exp.name
+    m = graph.manifest
+    data, manifest = encode(graph)
+    store.put_bytes(keys.graph_tensors(name, m.prompt_id, m.fingerprint, m.variant), data)
+    store.put_json(
+        keys.graph_manifest(name, m.prompt_id, m.fingerprint, m.variant),
+        manifest.model_dump(mode="json"),
+    )
+    return manifest
+
+
+def load_graph(
+    store: ObjectStore, exp_name: str, pid: str, fp: str, variant: str
+) -> AttributionGraph:
+    """Read a stored graph (raises :class:`common.store.NotFound` if there is none)."""
+    manifest = store.get_record(keys.graph_manifest(exp_name, pid, fp, variant), GraphManifest)
+    data = store.get_bytes(keys.graph_tensors(exp_name, pid, fp, variant))
+    return decode(data, manifest)
+
+
+def graph_exists(store: ObjectStore, exp_name: str, pid: str, fp: str, variant: str) -> bool:
+    return store.exists(keys.graph_manifest(exp_name, pid, fp, variant))
+
+
+def graphs_done(
+    store: ObjectStore, exp_name: str, pid: str, fp: str, variants: Sequence[str]
+) -> bool:
+    """Whether every one of ``variants`` has a stored graph of this prompt."""
+    return all(graph_exists(store, exp_name, pid, fp, v) for v in variants)

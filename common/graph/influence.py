@@ -1,0 +1,329 @@
+"""Signed multi-hop influence of every graph node on every logit of an attribution graph.
+
+Notation: ``A`` is the graph's adjacency, rows = targets, columns = sources, node order
+``[features F][errors L*P][tokens P][logits K]``. circuit-tracer computes
+``A[t, s] = a_s * d pre_t / d a_s``: the direct contribution of source ``s`` at its actual
+activation ``a_s`` to target ``t``'s pre-activation in the frozen local replacement model
+(attention patterns and norm scales fixed, so everything between nodes is linear).
+
+An active feature passes a change of its pre-activation through with slope 1 (JumpReLU,
+ReLU), so a change ``d`` of ``a_t`` changes ``t``'s outgoing edge into ``u`` by
+``d * A[u, t] / a_t``. A path ``s -> t1 -> ... -> tn -> k`` thus contributes
+``A[t1, s] * A[t2, t1]/a_t1 * ... * A[k, tn]/a_tn``. With ``N = diag(1/a) A_FF`` (each
+feature row divided by that target's activation) the sum over all paths is::
+
+    T = A_L,S + G N_F,S      with      G = A_LF (I - N)^-1        (and T[:, F] = G)
+
+where ``S`` are all source nodes (features, errors, tokens). Error and token nodes are
+sources only (zero rows), logits are sinks (zero columns), and a feature only feeds
+features of later layers, so ``N`` is nilpotent and ``(I - N)^-1 = I + N + ... + N^depth``.
+We solve ``G (I - N) = A_LF`` in float64 and check the residual; if the solve fails or its
+residual is too large we sum the (finite) series and require it to terminate.
+
+Unlike circuit-tracer's pruning influence (``normalize_matrix``: ``|A|`` rows scaled to sum
+1), signs are kept and the result is in logit units: ``T[k, s]`` is the first-order change
+of (demeaned) logit ``k`` if source ``s`` were switched off, with everything downstream
+recomputed through the features.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from common.errors import AnalysisError
+from common.graph.model import AttributionGraph, all_finite
+
+NodeKind = Literal["feature", "error", "token", "logit"]
+
+#: relative residual above which the linear solve is not trusted (float64; typical ~1e-15)
+SOLVE_TOLERANCE = 1e-8
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a graph index stands for."""
+
+    kind: NodeKind
+    index: int
+    layer: int | None
+    pos: int | None
+    feature: int | None
+    token: str
+    token_id: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "feature":
+            return f"L{self.layer}/F{self.feature}@{self.pos} {self.token!r}"
+        if self.kind == "error":
+            return f"err L{self.layer}@{self.pos} {self.token!r}"
+        if self.kind == "token":
+            return f"tok@{self.pos} {self.token!r}"
+        return f"logit {self.token!r}"
+
+
+@dataclass(frozen=True)
+class LogitInfluence:
+    """Signed total effect of each source node on each logit node of one graph."""
+
+    total: torch.Tensor  # [K, S] float64, S = F + errors + tokens; rows follow the logit nodes
+    direct: torch.Tensor  # [K, S] float64: the one-hop part (A_L,S)
+    method: Literal["solve", "series"]
+    residual: float  # max |G (I - N) - A_LF| / max |A_LF|
+    hops: int  # longest path (in feature hops) that carries any weight; -1 if unknown
+    backward_edges: int  # feature edges not from an earlier to a later layer (should be 0)
+    normalized: torch.Tensor  # [F, S] float64: N = diag(1/a) A_F,S, what each edge passes on
+
+    @property
+    def indirect(self) -> torch.Tensor:
+        return self.total - self.direct
+
+
+def describe_node(graph: AttributionGraph, index: int) -> NodeInfo:
+    """Map a graph index to (kind, layer, position, feature id) and the token string."""
+    m = graph.manifest
+    n = graph.n_nodes
+    if not 0 <= index < n:
+        raise IndexError(f"node {index} outside graph of {n} nodes")
+
+    def tok(pos: int) -> str:
+        return m.input_tokens[pos] if 0 <= pos < len(m.input_tokens) else "?"
+
+    if index < graph.n_features:
+        layer, pos, feat = (int(x) for x in graph.features[index].tolist())
+        return NodeInfo("feature", index, layer, pos, feat, tok(pos), m.input_ids[pos])
+    if index < graph.error_slice.stop:
+        e = index - graph.n_features
+        layer, pos = divmod(e, m.n_pos)
+        return NodeInfo("error", index, layer, pos, None, tok(pos), m.input_ids[pos])
+    if index < graph.token_slice.stop:
+        pos = index - graph.token_slice.start
+        return NodeInfo("token", index, None, pos, None, tok(pos), m.input_ids[pos])
+    k = index - graph.logit_slice.start
+    return NodeInfo("logit", index, None, None, None, m.logit_tokens[k], m.logit_token_ids[k])
+
+
+def check_graph(graph: AttributionGraph) -> None:
+    """Refuse a graph whose shapes, values or node order cannot give a meaningful influence."""
+    m = graph.manifest
+    a = graph.adjacency
+    where = {"prompt_id": m.prompt_id, "variant": m.variant}
+    n_expected = graph.n_features + graph.n_errors + m.n_pos + m.n_logits
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] != n_expected:
+        raise AnalysisError(
+            f"adjacency has shape {tuple(a.shape)} but the manifest implies a square matrix of "
+            f"{n_expected} nodes ({graph.n_features} features + {graph.n_errors} errors + "
+            f"{m.n_pos} tokens + {m.n_logits} logits): the graph artifact is inconsistent, "
+            "recompute the graph",
+            **where,
+        )
+    if tuple(graph.features.shape) != (graph.n_features, 3) or graph.activations.shape != (
+        graph.n_features,
+    ):
+        raise AnalysisError(
+            f"features {tuple(graph.features.shape)} / activations "
+            f"{tuple(graph.activations.shape)} do not match {graph.n_features} feature nodes",
+            **where,
+        )
+    if not all_finite(a):
+        bad = ~torch.isfinite(a)
+        t, s = (int(x) for x in bad.nonzero()[0].tolist())
+        raise AnalysisError(
+            f"adjacency has {int(bad.sum())} non-finite edges (first: into "
+            f"{describe_node(graph, t).label} from {describe_node(graph, s).label}): the model "
+            "produced NaN/Inf activations; recompute the graph in float32 and check the "
+            "variant's health report",
+            **where,
+        )
+    bad_act = ~torch.isfinite(graph.activations)
+    if bool(bad_act.any()):
+        i = int(bad_act.nonzero()[0])
+        raise AnalysisError(
+            f"{int(bad_act.sum())} non-finite feature activations (first: "
+            f"{describe_node(graph, i).label}): recompute the graph in float32",
+            **where,
+        )
+    sources_only = a[graph.n_features : graph.token_slice.stop]
+    if bool(sources_only.any()):
+        raise AnalysisError(
+            "error/token rows of the adjacency are not zero: error and token nodes must be "
+            "sources only, so the node order is not circuit-tracer's "
+            "[features][errors][tokens][logits]",
+            **where,
+        )
+    if bool(a[:, graph.logit_slice].any()):
+        raise AnalysisError(
+            "logit columns of the adjacency are not zero: logits must be sinks "
+            "(rows = targets, columns = sources); was the matrix transposed?",
+            **where,
+        )
+
+
+def logit_influence(
+    graph: AttributionGraph, *, max_hops: int | None = None, count_hops: bool = True
+) -> LogitInfluence:
+    """Signed total (direct + all indirect paths through features) effect on every logit.
+
+    ``count_hops=False`` skips measuring the longest path (``hops`` is then -1).
+    Raises :class:`AnalysisError` for non-finite or inconsistent graphs and when neither the
+    linear solve nor the series converges.
+    """
+    check_graph(graph)
+    f = graph.n_features
+    src = slice(0, graph.token_slice.stop)
+    a = graph.adjacency
+    # only the feature and logit rows can be non-zero (check_graph): convert just those
+    n_fs = normalized_feature_rows(a[:f, src], graph.activations)
+    n_ff = n_fs[:, :f]
+    a_ls = a[graph.logit_slice, src].to(torch.float64)
+    a_lf = a_ls[:, :f]
+    backward = _backward_edges(graph, a[:f, :f])
+
+    method: Literal["solve", "series"] = "solve"
+    g, residual = _solve(n_ff, a_lf, triangular=backward == 0, order=layer_order(graph))
+    if g is None:
+        g, hops = _series(n_ff, a_lf, max_hops if max_hops is not None else f + 1, graph)
+        method, residual = "series", _residual(g, n_ff, a_lf)
+    else:
+        hops = _depth(n_ff) if count_hops else -1
+    return LogitInfluence(
+        total=a_ls + g @ n_fs,
+        direct=a_ls,
+        method=method,
+        residual=residual,
+        hops=hops,
+        backward_edges=backward,
+        normalized=n_fs,
+    )
+
+
+def normalized_feature_rows(feature_rows: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """``N = diag(1/a) A_F,S`` in float64. A feature with zero activation is inactive: slope 0,
+    row 0."""
+    act = activations.to(torch.float64)
+    inv_act = torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
+    return feature_rows.to(torch.float64, copy=True).mul_(inv_act[:, None])
+
+
+def layer_order(graph: AttributionGraph) -> torch.Tensor | None:
+    """Feature indices sorted by layer (stable): the order in which ``I - N`` is triangular;
+    None when the features already are in that order (circuit-tracer's own)."""
+    layers = graph.features[:, 0]
+    if bool((layers[1:] >= layers[:-1]).all()):
+        return None
+    return torch.argsort(layers, stable=True)
+
+
+def solve_total(
+    n_fs: torch.Tensor, a_ls: torch.Tensor, *, triangular: bool, order: torch.Tensor | None
+) -> tuple[torch.Tensor | None, float]:
+    """``T = A_L,S + G N`` from normalized feature rows ``n_fs`` and logit rows ``a_ls``
+    (float64), or None (and the residual) when the solve is not trusted. ``triangular``:
+    no backward edge, so the features in ``order`` (:func:`layer_order`) make a triangular
+    system."""
+    f = n_fs.shape[0]
+    g, residual = _solve(n_fs[:, :f], a_ls[:, :f], triangular=triangular, order=order)
+    return (None if g is None else a_ls + g @ n_fs), residual
+
+
+def _residual(g: torch.Tensor, n_ff: torch.Tensor, a_lf: torch.Tensor) -> float:
+    if a_lf.numel() == 0:
+        return 0.0
+    scale = float(a_lf.abs().max())
+    err = float((g - g @ n_ff - a_lf).abs().max())
+    return err / scale if scale > 0 else err
+
+
+def _solve(
+    n_ff: torch.Tensor,
+    a_lf: torch.Tensor,
+    *,
+    triangular: bool = False,
+    order: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, float]:
+    """``G (I - N) = A_LF``. ``triangular`` (no backward edge; features in layer order after
+    permuting by ``order``, None = as they are): a triangular solve, O(F^2 K) instead of the
+    general O(F^3)."""
+    f = n_ff.shape[0]
+    if f == 0:
+        return a_lf.clone(), 0.0
+    try:
+        if triangular:
+            # (I - N)^T G^T = A_LF^T, with (I - N)^T unit upper-triangular in layer order; the
+            # solver reads only the strict upper triangle, so -N^T is all it needs
+            if order is None:
+                g = torch.linalg.solve_triangular(-n_ff.T, a_lf.T, upper=True, unitriangular=True).T
+            else:
+                m = -n_ff[order[:, None], order].T
+                gt = torch.linalg.solve_triangular(
+                    m, a_lf[:, order].T, upper=True, unitriangular=True
+                )
+                g = torch.empty_like(a_lf)
+                g[:, order] = gt.T
+        else:
+            # G (I - N) = A_LF  <=>  (I - N)^T G^T = A_LF^T
+            eye = torch.eye(f, dtype=n_ff.dtype)
+            g = torch.linalg.solve((eye - n_ff).T, a_lf.T).T
+    except RuntimeError:  # singular: not acyclic; let the series decide
+        return None, float("inf")
+    if not bool(torch.isfinite(g).all()):
+        return None, float("inf")
+    res = _residual(g, n_ff, a_lf)
+    if res > SOLVE_TOLERANCE:
+        return None, res
+    return g, res
+
+
+def _series(
+    n_ff: torch.Tensor, a_lf: torch.Tensor, max_hops: int, graph: AttributionGraph
+) -> tuple[torch.Tensor, int]:
+    """G = A_LF (I + N + N^2 + ...): must reach an all-zero term (acyclic graph)."""
+    g = a_lf.clone()
+    term = a_lf
+    scale = float(a_lf.abs().max()) if a_lf.numel() else 0.0
+    for hop in range(1, max_hops + 1):
+        term = term @ n_ff
+        g = g + term
+        size = float(term.abs().max()) if term.numel() else 0.0
+        if not torch.isfinite(term).all():
+            break
+        if size == 0.0 or size <= 1e-14 * max(scale, float(g.abs().max())):
+            return g, hop - 1 if size == 0.0 else hop
+    m = graph.manifest
+    raise AnalysisError(
+        f"influence did not converge within {max_hops} hops: the feature graph has cycles "
+        "or exploding edges (is the adjacency in circuit-tracer's node order?)",
+        prompt_id=m.prompt_id,
+        variant=m.variant,
+    )
+
+
+def _depth(n_ff: torch.Tensor) -> int:
+    """Longest chain of feature->feature edges (0 if none); -1 if there is a cycle."""
+    f = n_ff.shape[0]
+    reach = (n_ff != 0).to(torch.float32)
+    v = torch.ones(f, dtype=torch.float32)
+    for hop in range(f + 1):
+        v = ((reach @ v) != 0).to(torch.float32)  # v[t]: some path of hop+1 edges ends at t
+        if not bool(v.any()):
+            return hop
+    return -1
+
+
+def _backward_edges(graph: AttributionGraph, a_ff: torch.Tensor) -> int:
+    """Feature edges whose target's layer is not after the source's (0 in a sound graph)."""
+    layers = graph.features[:, 0]
+    if layer_order(graph) is None:
+        # layer-sorted (circuit-tracer's order): the rows of a layer may only have sources
+        # before that layer's first feature, so count what lies at or after it
+        bounds = torch.searchsorted(layers, torch.unique_consecutive(layers)).tolist()
+        bounds.append(len(layers))
+        return sum(
+            int(torch.count_nonzero(a_ff[b0:b1, b0:])) for b0, b1 in itertools.pairwise(bounds)
+        )
+    not_forward = layers[:, None] <= layers[None, :]  # target layer <= source layer
+    return int(((a_ff != 0) & not_forward).sum())

@@ -1,0 +1,75 @@
+"""The status index and review queue rebuilt from the object store alone (``emc reindex``).
+
+Everything in Redis except queued messages can be rebuilt: a prompt's state follows from
+which artifacts exist for the experiment's fingerprint, and the judge step's stored
+:class:`~common.records.FunnelDecision` says whether it waits for review.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from common.context import Context
+from common.labels import current_label
+from common.records import Failure, FunnelDecision, Status
+from common.review_queue import PromptState, rebuild
+from common.store import keys as K
+
+
+def derive_state(ctx: Context, pid: str) -> PromptState:
+    """Where a prompt stands, from its artifacts in the store alone."""
+    exp, fp = ctx.exp, ctx.fingerprint
+    run = K.run_dir(exp.name, pid, fp)
+    present = set(ctx.store.list_keys(run + "/"))
+    if any(k.startswith(run + "/failures/") for k in present):
+        return PromptState(Status.failed)
+    has_logits = all(K.logits(exp.name, pid, fp, v) in present for v in exp.variant_names)
+    if not has_logits:
+        return PromptState(Status.generated)
+    # the judge step writes its decision last: without it, judging has not finished
+    if K.decision(exp.name, pid, fp) not in present:
+        return PromptState(Status.logits)
+    decision = ctx.store.get_record(K.decision(exp.name, pid, fp), FunnelDecision)
+    has_graphs = all(K.graph_manifest(exp.name, pid, fp, v) in present for v in exp.variant_names)
+    # the reference variant often has nothing to explain, hence any
+    has_features = any(K.features(exp.name, pid, fp, v) in present for v in exp.variant_names)
+    labeled = current_label(ctx.store, exp.name, pid) is not None
+    waiting = decision.to_review and not labeled
+    if has_features:
+        status = Status.analyzed
+    elif has_graphs:
+        status = Status.graphed
+    elif labeled:
+        status = Status.labeled
+    elif waiting:
+        status = Status.in_review
+    else:
+        status = Status.judged if decision.graph_variants else Status.done
+    return PromptState(status, decision.divergent, decision.evil_score, awaiting_review=waiting)
+
+
+def prompt_ids(ctx: Context) -> Iterator[str]:
+    """Ids of every stored prompt of the experiment."""
+    prefix = K.prompts_prefix(ctx.exp.name)
+    for key in ctx.store.list_keys(prefix):
+        if key.endswith("/prompt.json"):
+            yield key[len(prefix) :].split("/", 1)[0]
+
+
+def reindex(ctx: Context, progress: Callable[[Iterable[str]], Iterable[str]] | None = None) -> int:
+    """Rebuild the review queue and status index in Redis from the object store."""
+    pids: Iterable[str] = list(prompt_ids(ctx))
+    if progress is not None:
+        pids = progress(pids)
+    return rebuild(ctx.queue, ((pid, derive_state(ctx, pid)) for pid in pids))
+
+
+def recent_failures(ctx: Context, limit: int = 10) -> list[Failure]:
+    """The latest failure records of this experiment's current fingerprint."""
+    out = []
+    for pid in prompt_ids(ctx):
+        prefix = K.run_dir(ctx.exp.name, pid, ctx.fingerprint) + "/failures/"
+        for key in ctx.store.list_keys(prefix):
+            out.append(ctx.store.get_record(key, Failure))
+    out.sort(key=lambda f: f.created_at, reverse=True)
+    return out[:limit]

@@ -1,0 +1,1 @@
+"""Running the system: the broker (embedded Redis), the process supervisor, malloc limits."""

@@ -1,0 +1,84 @@
+"""The analysis service's pipeline step (the ``emc.analysis.rank_prompt`` task runs it)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from common import tasknames as T
+from common.context import Context
+from common.errors import NothingToExplain
+from common.graph.artifact import graphs_done
+from common.pipeline import Next
+from common.records import Status
+from common.scores import HarmVerdicts
+from common.store import NotFound
+from common.store import keys as K
+from services.analysis.ranking import rank_prompt
+from services.analysis.steering import (
+    SteeringSamples,
+    SteeringSpec,
+    build_result,
+    record_steering,
+    sample_steering,
+)
+
+if TYPE_CHECKING:
+    from services.attribution.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def step_rank(ctx: Context, pid: str) -> list[Next]:
+    """Feature rankings of every variant (cached by labels version); needs every graph."""
+    variants = ctx.exp.variant_names
+    if not graphs_done(ctx.store, ctx.exp.name, pid, ctx.fingerprint, variants):
+        log.info("prompt %s: graphs not all there yet; analysis waits for the last one", pid)
+        return []
+    for variant in variants:
+        try:
+            rank_prompt(ctx.store, ctx.exp, pid, variant, fingerprint=ctx.fingerprint)
+        except NothingToExplain as e:
+            # e.g. the reference variant has no evil token: a finding, not a failure
+            log.info("prompt %s/%s: no ranking: %s", pid, variant, e.reason)
+    ctx.queue.set_status(pid, Status.analyzed)
+    return []
+
+
+# ----------------------------------------------------------------------------- steering runs
+
+
+def step_steering_samples(ctx: Context, runtime: Runtime, spec: dict[str, Any]) -> list[Next]:
+    """A steering run's GPU stage: sample every arm, then ask the judge queue to label them.
+
+    Idempotent: a run whose result is stored is not run again; stored samples are reused.
+    """
+    parsed = SteeringSpec.model_validate(spec)
+    exp, fp = ctx.exp.name, ctx.fingerprint
+    if ctx.store.exists(K.steering_result(exp, fp, parsed.spec_hash)):
+        return []
+    key = K.steering_samples(exp, fp, parsed.spec_hash)
+    try:
+        samples = ctx.store.get_record(key, SteeringSamples)
+    except NotFound:
+        samples = sample_steering(runtime, parsed)
+        ctx.store.put_json(key, samples)
+    batch = samples.harm_batch()
+    ctx.store.put_json(K.harm_batch(exp, fp, batch.batch), batch)
+    then = Next(T.ANALYSIS_STEERING, {"exp": exp, "spec_hash": parsed.spec_hash})
+    return [
+        Next(
+            T.JUDGE_HARM,
+            {"exp": exp, "batch": batch.batch, "then": then.task, "then_kwargs": then.kwargs},
+        )
+    ]
+
+
+def step_steering_result(ctx: Context, spec_hash: str) -> list[Next]:
+    """A steering run's last stage: counts, intervals and the plot, from the judged samples."""
+    exp, fp = ctx.exp.name, ctx.fingerprint
+    samples = ctx.store.get_record(K.steering_samples(exp, fp, spec_hash), SteeringSamples)
+    batch = samples.harm_batch().batch
+    verdicts = ctx.store.get_record(K.harm_verdicts(exp, fp, batch), HarmVerdicts)
+    record_steering(ctx.store, build_result(samples, verdicts.verdicts))
+    return []
