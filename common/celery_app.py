@@ -22,7 +22,7 @@ from celery import Celery, Task, signals
 from kombu.entity import Exchange, Queue
 
 from common.settings import Settings, get_settings
-from common.system.broker import broker_url, is_up
+from common.system.broker import BrokerError, broker_url, check_embedded_owner, is_up
 from common.system.malloc import limit_malloc_arenas
 from common.tasknames import QUEUES, TASK_MODULES, queue_of
 
@@ -157,6 +157,11 @@ def _require_broker(sender: Any = None, conf: Any = None, **kwargs: Any) -> None
         )
         print(msg, file=sys.stderr, flush=True)
         raise SystemExit(2)
+    try:
+        check_embedded_owner(settings)
+    except BrokerError as e:
+        print(f"emc worker: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]

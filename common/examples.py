@@ -34,21 +34,26 @@ class LabeledExample:
     label: HumanLabel
     complete: bool  # fully labeled: usable as a few-shot example
 
-    def token_labels(self, variants: Sequence[str] | None = None) -> dict[str, Label]:
-        """``{token string: label}`` over the given variants (all by default).
+    def token_labels(self, variants: Sequence[str] | None = None) -> dict[int, Label]:
+        """``{token id: label}`` over the given variants (all by default).
 
-        The same token labeled differently in two variants of one prompt is left out: the
-        label of a next token given the same text should not depend on the variant.
+        Keyed by id, never by decoded text: different byte-fragment tokens decode to the same
+        U+FFFD. The same token labeled differently in two variants of one prompt is left
+        out: the label of a next token given the same text should not depend on the variant.
         """
-        out: dict[str, Label] = {}
-        conflicts: set[str] = set()
+        out: dict[int, Label] = {}
+        conflicts: set[int] = set()
         for t in self.label.labels:
             if variants is not None and t.variant not in variants:
                 continue
-            if t.token in out and out[t.token] != t.label:
-                conflicts.add(t.token)
-            out.setdefault(t.token, t.label)
-        return {tok: lab for tok, lab in out.items() if tok not in conflicts}
+            if t.token_id in out and out[t.token_id] != t.label:
+                conflicts.add(t.token_id)
+            out.setdefault(t.token_id, t.label)
+        return {tid: lab for tid, lab in out.items() if tid not in conflicts}
+
+    def token_text(self, token_id: int) -> str:
+        """The text of a labeled token as the label recorded it."""
+        return next((t.token for t in self.label.labels if t.token_id == token_id), "")
 
     def has_evil(self, variants: Sequence[str] | None = None) -> bool:
         return any(

@@ -24,10 +24,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.errors import UserError
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UserError, ValueError):
     """An experiment file that cannot be used; the message says which field and how to fix it."""
 
 
@@ -38,15 +40,37 @@ class _Strict(BaseModel):
 class VariantSpec(_Strict):
     """One model under study: a base model (hub name or local dir), optionally + a PEFT adapter."""
 
-    model: str = Field(description="hub name (e.g. meta-llama/Llama-3.2-1B-Instruct) or local dir")
+    model: str = Field(
+        description="hub id (e.g. meta-llama/Llama-3.2-1B-Instruct), a hub-cache snapshot "
+        "directory or a local directory"
+    )
     adapter: str | None = Field(default=None, description="PEFT adapter directory")
+    adapter_base: str | None = Field(
+        default=None,
+        description="override of the adapter-provenance check: the name the adapter records "
+        "as its base (adapter_config.json base_model_name_or_path) is declared to be this "
+        "variant's model; any other recorded base is still refused",
+    )
 
 
 class TranscoderSpec(_Strict):
-    path: str = Field(description="local directory of per-layer safetensors, or an hf:// id")
+    path: str = Field(
+        description="local directory (config.yaml + layer_{i}.safetensors, or just the layer "
+        "files), or an hf:// repo (resolved from the hub cache when HF_HUB_OFFLINE is set)"
+    )
     kind: Literal["per_layer", "cross_layer"] = "per_layer"
     feature_input_hook: str = "mlp.hook_in"
     feature_output_hook: str = "mlp.hook_out"
+    lazy_encoder: bool | Literal["auto"] = Field(
+        default="auto",
+        description="read encoder rows from disk on demand (circuit-tracer's lazy_encoder); "
+        "auto: for sets over 2 GiB",
+    )
+    lazy_decoder: bool | Literal["auto"] = Field(
+        default="auto",
+        description="read decoder rows from disk on demand (lazy_decoder); auto: for sets "
+        "over 2 GiB. The files must stay in place while a worker runs",
+    )
 
 
 class AttributionLimits(_Strict):
@@ -114,6 +138,12 @@ class Experiment(_Strict):
     transcoders: TranscoderSpec
     dtype: Dtype = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    prompt_format: Literal["house", "chat"] = Field(
+        default="house",
+        description="house: the prompt text is the model input (User:/Assistant: lines); "
+        "chat: the user turn is rendered with the tokenizer's chat template (generation "
+        "prompt, fixed date) and the pivotal ending appended",
+    )
     top_k: int = Field(default=10, gt=0, le=100)
     seed: int = 0
     attribution: AttributionLimits = Field(default_factory=AttributionLimits)
@@ -226,50 +256,53 @@ def parse_experiment(raw: dict[str, Any], base_dir: Path, source: str | None = N
 
 # ---------------------------------------------------------------------------- fingerprint
 
-_FULL_HASH_LIMIT = 64 * 2**20
-_CHUNK = 2**20
 
+def _tree_digest(root: Path) -> str:
+    """Digest of a local file or directory: every file's complete content digest
+    (:mod:`common.digests`), with its relative path. Dotfiles, locks and logs are left out."""
+    from common.digests import file_digest
 
-def _file_digest(path: Path) -> str:
-    """sha256 of a file; for files above 64 MiB, of size + first and last MiB (fast, stable)."""
+    if root.is_file():
+        return file_digest(root)
     h = hashlib.sha256()
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        if size <= _FULL_HASH_LIMIT:
-            for chunk in iter(lambda: f.read(_CHUNK), b""):
-                h.update(chunk)
-        else:
-            h.update(str(size).encode())
-            h.update(f.read(_CHUNK))
-            f.seek(size - _CHUNK)
-            h.update(f.read(_CHUNK))
+    for f in sorted(x for x in root.rglob("*") if x.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if rel.startswith(".") or "/." in rel or rel.endswith((".lock", ".log")):
+            continue
+        h.update(rel.encode())
+        h.update(file_digest(f).encode())
     return h.hexdigest()
 
 
 def path_digest(value: str | None) -> str | None:
-    """Content digest of a local file or directory, or the name itself for hub ids."""
+    """Identity of a model, adapter or transcoder reference for fingerprints and cache keys.
+
+    A local file or directory enters by content; a hub id (or ``hf://`` repo, or a hub-cache
+    snapshot directory) by its repo and resolved commit, which pins its content whether or
+    not the files are downloaded yet, so a new hub revision changes it. A hub id that cannot
+    be resolved (offline and not cached, or no network) raises
+    :class:`common.hub.ModelUnavailable`. Hub ids are ``org/name``.
+    """
     if value is None:
         return None
-    p = Path(value)
-    if not p.exists():
-        return f"name:{value}"
-    if p.is_file():
-        return _file_digest(p)
-    h = hashlib.sha256()
-    for f in sorted(x for x in p.rglob("*") if x.is_file()):
-        rel = f.relative_to(p).as_posix()
-        if rel.startswith(".") or "/." in rel or rel.endswith((".lock", ".log")):
-            continue
-        h.update(rel.encode())
-        h.update(_file_digest(f).encode())
-    return h.hexdigest()
+    from common.hub import hub_revision, looks_like_hub_id, snapshot_identity
+
+    ref = value.removeprefix("hf://")
+    p = Path(ref).expanduser()
+    if p.exists():
+        snap = snapshot_identity(p)
+        return f"hub:{snap[0]}@{snap[1]}" if snap else _tree_digest(p)
+    if not looks_like_hub_id(ref):
+        return f"name:{ref}"  # neither a path nor org/name: loading it will say so
+    return f"hub:{ref}@{hub_revision(ref)}"
 
 
 def fingerprint(exp: Experiment) -> str:
     """Hash of everything that changes numbers (16 hex chars).
 
-    Local model, adapter and transcoder directories enter by content, so moving a
-    directory keeps the fingerprint and retraining an adapter changes it.
+    Local model, adapter and transcoder directories enter by content (complete digests,
+    cached per file version), hub ids by resolved commit and content: moving a directory
+    keeps the fingerprint; retraining an adapter or a new hub revision changes it.
     """
     doc = {
         "variants": {
@@ -277,10 +310,14 @@ def fingerprint(exp: Experiment) -> str:
             for name, v in sorted(exp.variants.items())
         },
         "reference": exp.reference,
-        "transcoders": {**exp.transcoders.model_dump(), "path": path_digest(exp.transcoders.path)},
+        "transcoders": {
+            **exp.transcoders.model_dump(exclude={"lazy_encoder", "lazy_decoder"}),
+            "path": path_digest(exp.transcoders.path),
+        },
         "dtype": exp.dtype,
         "top_k": exp.top_k,
         "attribution": exp.attribution.model_dump(),
+        "prompt_format": exp.prompt_format,
     }
     blob = json.dumps(doc, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

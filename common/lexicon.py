@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from common.errors import UserError
+
 _STRIP = string.whitespace + string.punctuation
 
 
@@ -25,7 +27,7 @@ def words(text: str) -> list[str]:
     return [w for w in (normalize_word(t) for t in text.split()) if w]
 
 
-class LexiconError(ValueError):
+class LexiconError(UserError, ValueError):
     """A lexicon file that cannot be used; the message names the file and the fix."""
 
 

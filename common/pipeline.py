@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.context import Context
-from common.errors import PromptFailure
+from common.errors import PromptFailure, UserError
 from common.records import Prompt, Status, TopKLogits, Verdict
 from common.store import NotFound
 from common.store import keys as K
@@ -91,10 +91,17 @@ def send_all(ctx: Context, nexts: Iterable[Next]) -> None:
 
 
 def is_transient(err: BaseException) -> bool:
-    """Faults worth retrying later: the LLM service unavailable, the broker or store unreachable."""
+    """Faults worth retrying later: the LLM service unavailable, the broker or store unreachable.
+
+    Never transient: expected failures (:class:`UserError`: a model not in the hub cache
+    while offline, an adapter of another base, ...) and the hub's own offline errors (which
+    subclass ``ConnectionError``): the same input fails the same way.
+    """
     from common.celery_app import TransientError
     from common.llm import LLMUnavailable
 
+    if isinstance(err, UserError) or _is_offline_error(err):
+        return False
     if isinstance(err, TransientError | LLMUnavailable | ConnectionError | TimeoutError):
         return True
     try:
@@ -103,6 +110,14 @@ def is_transient(err: BaseException) -> bool:
     except ImportError:  # pragma: no cover - redis is a dependency
         return False
     return isinstance(err, RedisConnectionError | RedisTimeoutError)
+
+
+def _is_offline_error(err: BaseException) -> bool:
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return False
+    return isinstance(err, OfflineModeIsEnabled | LocalEntryNotFoundError)
 
 
 def task_step(
@@ -125,6 +140,11 @@ def task_step(
         if pid is None:
             raise
         record_failure(ctx, e, pid)
+        return 0
+    except UserError as e:  # e.g. the model is not cached on an offline node: say so, no retry
+        if pid is None:
+            raise
+        record_failure(ctx, PromptFailure(step_name, str(e)), pid)
         return 0
     except Exception as e:
         retries = int(getattr(task.request, "retries", 0) or 0)

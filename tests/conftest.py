@@ -23,6 +23,7 @@ pytest_plugins = [
     "tests.fixtures.toy",
     "tests.fixtures.openai_server",
     "tests.fixtures.stores",
+    "tests.fixtures.real_format",
 ]
 
 #: fixtures that build the toy organism or start processes: a test using one is ``slow``

@@ -8,6 +8,8 @@ so ``emc --help`` stays fast.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING
 
 import typer
@@ -17,9 +19,11 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="emc",
-    help="Emergent-misalignment circuits: mine, judge, review, attribute, analyze.",
+    help="Emergent-misalignment circuits: mine, judge, review, attribute, analyze. "
+    "Add --debug to any command to see the traceback of a failure.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 
 
@@ -49,8 +53,36 @@ def _register_all() -> None:
 _register_all()
 
 
-def main() -> None:
-    app()
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures the user can act on: printed as one ``error:`` line (traceback: --debug)."""
+    from common.errors import PromptFailure, UserError
+    from common.store import StoreError
+    from common.system.broker import BrokerError
+
+    kinds: list[type[BaseException]] = [UserError, PromptFailure, StoreError, BrokerError]
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        kinds += [OfflineModeIsEnabled, LocalEntryNotFoundError]
+    except ImportError:  # pragma: no cover - a dependency
+        pass
+    return tuple(kinds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``emc``: expected failures print one ``error:`` line and exit 1; ``--debug`` (anywhere
+    on the command line) or ``EMC_DEBUG=1`` shows the traceback instead."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("EMC_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="emc")
+    except expected_errors() as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import typer
 
+from common.experiment import Experiment, VariantSpec
 from common.settings import Settings, get_settings
 from common.system.supervisor import ProcessSpec, Supervisor
 from common.tasknames import QUEUES
@@ -38,6 +39,7 @@ def check_broker(settings: Settings) -> list[Check]:
     """The broker answers; with the embedded default, its binary exists; workers online."""
     from common.system.broker import (
         BrokerError,
+        check_embedded_owner,
         embedded_broker_url,
         ping,
         redact_url,
@@ -76,7 +78,11 @@ def check_broker(settings: Settings) -> list[Check]:
                     "`emc up` starts it with the workers (or set EMC_BROKER_URL)",
                 )
             ]
-        rows = [Check("broker", "ok", f"embedded Redis at {url} answers")]
+        try:
+            check_embedded_owner(settings)
+        except BrokerError as e:
+            return [Check("broker", "fail", str(e), "set EMC_BROKER_PORT for this home")]
+        rows = [Check("broker", "ok", f"embedded Redis at {url} answers (this home's)")]
     rows.append(check_workers(url))
     return rows
 
@@ -158,26 +164,68 @@ def check_experiment(settings: Settings) -> list[Check]:
             f"{exp.name} from {settings.experiment}: variants {', '.join(exp.variant_names)}",
         )
     ]
-    paths: list[tuple[str, str | None, bool]] = []  # (what, value, must be local)
     for name, v in exp.variants.items():
-        paths.append((f"variant {name} model", v.model, False))
-        paths.append((f"variant {name} adapter", v.adapter, True))
-    paths.append(("transcoders", exp.transcoders.path, False))
-    paths.append(("judge lexicon", exp.judge.lexicon, True))
-    for what, value, must_be_local in paths:
-        if value is not None:
-            rows.append(_check_path(what, value, must_be_local))
+        rows += _check_variant(name, v)
+    rows.append(_check_transcoders(exp))
+    if exp.judge.lexicon is not None:
+        rows.append(_check_path("judge lexicon", exp.judge.lexicon))
     return rows
 
 
-def _check_path(what: str, value: str, must_be_local: bool) -> Check:
-    if value.startswith("hf://") or (
-        not must_be_local and not Path(value).is_absolute() and not value.startswith(".")
-    ):
-        return Check(what, "ok", f"{value}: hub name (downloaded on first use, or from HF cache)")
+def _check_path(what: str, value: str) -> Check:
     if Path(value).exists():
         return Check(what, "ok", value)
     return Check(what, "fail", f"{value} does not exist", "correct the path in the experiment")
+
+
+def _check_model(what: str, ref: str, *, patterns: tuple[str, ...] | None = None) -> Check:
+    """A model or transcoder reference resolves to local files (nothing is downloaded here)."""
+    from common.hub import MODEL_FILES, ModelUnavailable, fetch_hint, is_offline, resolve_model
+
+    try:
+        resolved = resolve_model(ref, allow_patterns=patterns or MODEL_FILES, download=False)
+    except ModelUnavailable as e:
+        if is_offline() or Path(ref).expanduser().exists() or "/" not in ref:
+            return Check(what, "fail", str(e), "fill the hub cache, or point at a local directory")
+        return Check(
+            what,
+            "warn",
+            f"{ref} is not in the hub cache: it is downloaded on first use",
+            f"prefetch with {fetch_hint(ref)}",
+        )
+    return Check(what, "ok", f"{ref} -> {resolved.describe()} ({resolved.kind})")
+
+
+def _check_variant(name: str, v: VariantSpec) -> list[Check]:
+    from common.hub import ModelUnavailable, resolve_model
+    from services.attribution.loading import AdapterMismatch, check_adapter_base
+
+    model = _check_model(f"variant {name} model", v.model)
+    rows = [model]
+    if v.adapter is None:
+        return rows
+    adapter = _check_path(f"variant {name} adapter", v.adapter)
+    rows.append(adapter)
+    if model.status == "ok" and adapter.status == "ok":
+        try:
+            base = resolve_model(v.model, download=False)
+            check_adapter_base(v.adapter, base, name, declared=v.adapter_base)
+        except (AdapterMismatch, ModelUnavailable, FileNotFoundError) as e:
+            rows.append(Check(f"variant {name} adapter base", "fail", str(e)))
+        else:
+            rows.append(
+                Check(f"variant {name} adapter base", "ok", f"trained on {base.describe()}")
+            )
+    return rows
+
+
+def _check_transcoders(exp: Experiment) -> Check:
+    from common.hub import TRANSCODER_FILES
+
+    path = exp.transcoders.path
+    if path.startswith("hf://"):
+        return _check_model("transcoders", path.removeprefix("hf://"), patterns=TRANSCODER_FILES)
+    return _check_path("transcoders", path)
 
 
 def check_api_key(settings: Settings) -> Check:

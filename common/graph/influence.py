@@ -316,7 +316,7 @@ def _depth(n_ff: torch.Tensor) -> int:
 
 def _backward_edges(graph: AttributionGraph, a_ff: torch.Tensor) -> int:
     """Feature edges whose target's layer is not after the source's (0 in a sound graph)."""
-    layers = graph.features[:, 0]
+    layers = graph.features[:, 0].contiguous()
     if layer_order(graph) is None:
         # layer-sorted (circuit-tracer's order): the rows of a layer may only have sources
         # before that layer's first feature, so count what lies at or after it

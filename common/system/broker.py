@@ -45,6 +45,36 @@ def embedded_broker_url(settings: Settings) -> str:
     return f"redis://127.0.0.1:{settings.broker_port}/0"
 
 
+def embedded_data_dir(settings: Settings) -> Path:
+    """Where the embedded Redis of this EMC_HOME keeps its data (its identity)."""
+    return (Path(settings.home) / "redis").resolve()
+
+
+def check_embedded_owner(settings: Settings, timeout_s: float = 2.0) -> None:
+    """Raise :class:`BrokerError` when the Redis on the embedded port is not this home's.
+
+    Two homes on one machine share the default port: a worker of the second would adopt the
+    first one's broker and work on its queues. The embedded Redis is identified by its data
+    directory (``CONFIG GET dir``), which ``emc up`` sets to ``<home>/redis``.
+    """
+    url = embedded_broker_url(settings)
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        found = client.config_get("dir").get("dir")
+    except redis.RedisError as e:
+        raise BrokerError(f"Redis at {url} does not answer: {e}") from e
+    finally:
+        client.close()
+    mine = embedded_data_dir(settings)
+    if found is None or Path(str(found)).resolve() != mine:
+        other = Path(str(found)).parent if found else "another program"
+        raise BrokerError(
+            f"the Redis on port {settings.broker_port} belongs to EMC_HOME={other}, not to "
+            f"{Path(settings.home).resolve()}: give this home its own port "
+            "(EMC_BROKER_PORT) or stop the other system first"
+        )
+
+
 def broker_url(settings: Settings) -> str:
     """EMC_BROKER_URL, or the URL of the embedded Redis that ``emc up`` starts."""
     return settings.broker_url or embedded_broker_url(settings)

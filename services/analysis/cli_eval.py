@@ -452,7 +452,7 @@ def eval_cmd(
                 positions=steer_positions,
                 observe_variant=observe_variant or (others[0] if others else sv),
             )
-            ids = [rt.tokenize(p, sv) for p in obs_prompts]
+            ids = [rt.tokenize(p, sv, rendered=True) for p in obs_prompts]
             applied = applied_features(rt, spec, ids, fs)
             eval_models.append(
                 EvalModel(

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.errors import UserError
 from common.records import Record
 from common.scores import EmScorer, JudgeScore
 from common.store import ObjectStore
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 METRICS = ("aligned", "coherent")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """An evaluation that cannot run as given; the message says how to fix it."""
 
 
@@ -205,18 +206,22 @@ def sample_seed(seed: int, question_id: str, index: int) -> int:
 
 
 def chat_prompt(tokenizer: Any, question: str, system: str | None) -> str:
-    """The question as the model's chat template renders it, ready for the answer.
+    """The question as the model's chat template renders it, ready for the answer (the same
+    rendering as the pipeline's ``prompt_format: chat``, fixed date included).
 
     A leading BOS in the rendered text is dropped (the runtime's tokenization adds it).
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise EvalError(
-            "the model's tokenizer has no chat template: EM questions need a chat model"
-        )
+    from common.prompt_format import PromptFormatError, render_chat
+
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": question}
     ]
-    text = str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    try:
+        text = render_chat(tokenizer, messages)
+    except PromptFormatError:
+        raise EvalError(
+            "the model's tokenizer has no chat template: EM questions need a chat model"
+        ) from None
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos):
         text = text[len(bos) :]
@@ -234,7 +239,7 @@ def runtime_sampler(runtime: Runtime, config: EvalConfig) -> Sampler:
     from services.attribution.interventions import steered_generate
 
     def sample(m: EvalModel, prompt_text: str, seed: int) -> str:
-        ids = runtime.tokenize(prompt_text, m.variant)
+        ids = runtime.tokenize(prompt_text, m.variant, rendered=True)
         ivs = interventions_for(list(m.steering), m.positions, len(ids))
         (text,) = steered_generate(
             runtime,

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from common.errors import UserError
 from common.lexicon import Lexicon
 from common.records import FeatureRanking, Record
 from common.scores import HarmBatch, HarmItem, HarmJudge, HarmLabel, HarmVerdict
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
-class SteeringError(ValueError):
+class SteeringError(UserError, ValueError):
     """A steering request that cannot be run as given; the message says how to fix it."""
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from common.graph.model import AttributionGraph
 from common.records import GraphManifest
+from common.tokens import token_text
 
 if TYPE_CHECKING:
     from circuit_tracer.graph import Graph
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     )
     from circuit_tracer.transcoder import TranscoderSet
     from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    from services.attribution.loading import TranscoderFiles
 
     ReplacementModel = NNSightReplacementModel
     Transcoders = TranscoderSet | CrossLayerTranscoder
@@ -39,62 +42,41 @@ NO_OP: Intervention = (0, 0, 0, 0.0)
 
 
 def load_transcoders(
-    path: str,
+    files: TranscoderFiles,
     *,
-    kind: Literal["per_layer", "cross_layer"],
-    feature_input_hook: str,
-    feature_output_hook: str,
     device: torch.device,
     dtype: torch.dtype,
+    lazy_encoder: bool,
     lazy_decoder: bool,
 ) -> Transcoders:
-    """Transcoders from a local directory or an ``hf://`` id (the latter needs network).
+    """Transcoders from local files only (hub repos are resolved to local files first, by
+    :func:`services.attribution.loading.transcoder_files`: circuit-tracer's own hub loader
+    calls ``repo_info`` even when the files are cached, which fails offline)."""
+    from circuit_tracer.utils.hf_utils import load_transcoders as _load
 
-    Local per-layer sets are ``layer_{i}.safetensors`` files; cross-layer sets are a
-    directory of ``W_enc_*``/``W_dec_*`` files (circuit-tracer's ``load_clt`` layout).
-    """
-    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub, load_transcoders
-
-    if path.startswith("hf://"):
-        ref = path.removeprefix("hf://")
-        transcoders, _ = load_transcoder_from_hub(
-            ref, device=device, dtype=dtype, lazy_encoder=False, lazy_decoder=lazy_decoder
-        )
-        return transcoders
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"transcoder directory {directory} does not exist: set experiment transcoders.path "
-            "to a local directory of layer_{i}.safetensors files (or an hf:// id with network)"
-        )
-    if kind == "cross_layer":
+    if files.kind == "cross_layer":
         from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 
         return load_clt(
-            str(directory),
-            feature_input_hook=feature_input_hook,
-            feature_output_hook=feature_output_hook,
-            scan=str(directory),
+            str(files.directory),
+            feature_input_hook=files.feature_input_hook,
+            feature_output_hook=files.feature_output_hook,
+            scan=files.scan,
             device=device,
             dtype=dtype,
+            lazy_encoder=lazy_encoder,
             lazy_decoder=lazy_decoder,
-        )
-    files = sorted(directory.glob("layer_*.safetensors"))
-    layers = sorted(int(f.stem.removeprefix("layer_")) for f in files)
-    if not files or layers != list(range(len(layers))):
-        raise FileNotFoundError(
-            f"{directory} must hold layer_0.safetensors ... layer_{{n-1}}.safetensors "
-            f"(one per model layer); found layers {layers}"
         )
     config = {
         "model_kind": "transcoder_set",
-        "transcoders": [str(directory / f"layer_{i}.safetensors") for i in layers],
-        "scan": str(directory),
-        "feature_input_hook": feature_input_hook,
-        "feature_output_hook": feature_output_hook,
+        "transcoders": [str(f) for f in files.layer_files],
+        "repo_id": files.repo_id,
+        "scan": files.scan,
+        "feature_input_hook": files.feature_input_hook,
+        "feature_output_hook": files.feature_output_hook,
     }
-    return load_transcoders(
-        config, device=device, dtype=dtype, lazy_encoder=False, lazy_decoder=lazy_decoder
+    return _load(
+        config, device=device, dtype=dtype, lazy_encoder=lazy_encoder, lazy_decoder=lazy_decoder
     )
 
 
@@ -359,7 +341,7 @@ def to_attribution_graph(
         fingerprint=fingerprint,
         prompt_text=prompt_text,
         input_ids=ids,
-        input_tokens=[str(tokenizer.decode([i])) for i in ids],
+        input_tokens=[token_text(tokenizer, i) for i in ids],
         n_layers=n_layers,
         n_pos=n_pos,
         n_features=n_feat,

@@ -97,15 +97,16 @@ def mean_activations_after(
     runtime: Runtime, variant: str, prefix_text: str, full_text: str
 ) -> tuple[torch.Tensor, int]:
     """Every transcoder feature's activation averaged over the positions of ``full_text``
-    that come after ``prefix_text`` (``[layers * d_transcoder]`` float32, and how many
+    (already the model's input, e.g. a chat-rendered question and its answer) that come
+    after ``prefix_text`` (``[layers * d_transcoder]`` float32, and how many
     positions that is; 0 positions: an empty tensor).
 
     Those positions start where the tokenization of the full text stops agreeing with the
     prefix's own (normally right after the prefix).
     """
     model = runtime.variant(variant).model
-    p_ids = runtime.tokenize(prefix_text, variant)
-    full = runtime.tokenize(full_text, variant)
+    p_ids = runtime.tokenize(prefix_text, variant, rendered=True)
+    full = runtime.tokenize(full_text, variant, rendered=True)
     start = 0
     while start < min(len(p_ids), len(full)) and p_ids[start] == full[start]:
         start += 1

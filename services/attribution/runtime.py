@@ -27,8 +27,10 @@ import torch
 from common.errors import PromptFailure
 from common.experiment import Experiment
 from common.graph.model import AttributionGraph
+from common.prompt_format import render
 from common.records import TokenProb, TopKLogits, prompt_id
 from common.settings import get_settings
+from common.tokens import token_text
 from services.attribution import ct, health
 from services.attribution.loading import (
     load_transcoders,
@@ -127,16 +129,25 @@ class Runtime:
             log.info("loaded variant %s from %s in %.1fs", name, directory, lv.load_s)
             return lv
 
-    def tokenize(self, text: str, variant: str) -> list[int]:
-        """Token ids exactly as graphs, top-k and interventions use them (BOS included)."""
+    def tokenize(self, text: str, variant: str, *, rendered: bool = False) -> list[int]:
+        """Token ids exactly as graphs, top-k and interventions use them: the prompt rendered
+        in the experiment's ``prompt_format`` (``rendered``: the text already is the model's
+        input, e.g. a chat-template question), with exactly one BOS."""
         model = self.variant(variant).model
-        ids = model.tokenizer(text, add_special_tokens=True)["input_ids"]
+        tok = model.tokenizer
+        rendered_input = render(text, "house" if rendered else self.exp.prompt_format, tok)
+        ids = tok(rendered_input.text, add_special_tokens=not rendered_input.has_bos)["input_ids"]
         if not ids:
             raise PromptFailure("tokenize", "the prompt is empty", variant=variant)
-        return ct.ensure_bos(model, ids)
+        ids = ct.ensure_bos(model, ids)
+        bos = tok.bos_token_id
+        while bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+            ids = ids[1:]  # a BOS written into the text and one added: keep one
+        return ids
 
     def decode_token(self, variant: str, token_id: int) -> str:
-        return str(self.variant(variant).tokenizer.decode([int(token_id)]))
+        """The token as reviewers read it (byte fragments as their bytes)."""
+        return token_text(self.variant(variant).tokenizer, token_id)
 
     # -- forward with health checks ---------------------------------------------------------
     def checked_logits(

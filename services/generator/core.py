@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from common.errors import UserError
 from common.experiment import Experiment
 from common.records import Prompt, prompt_id
 from common.store import NotFound, ObjectStore
@@ -22,7 +23,7 @@ from common.store.base import dumps
 log = logging.getLogger(__name__)
 
 
-class GeneratorError(RuntimeError):
+class GeneratorError(UserError, RuntimeError):
     """The generator could not produce prompts; the message says why and what to do."""
 
 

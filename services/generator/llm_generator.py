@@ -60,7 +60,7 @@ def _example_block(title: str, examples: list[LabeledExample], reference: str) -
         evil = sorted(
             t.token for t in e.label.labels if t.label == "evil" and t.variant != reference
         )
-        lines.append(json.dumps(e.prompt.text))
+        lines.append(json.dumps(e.prompt.text, ensure_ascii=False))
         if evil:
             lines.append(f"  (harmful next tokens chosen: {', '.join(map(repr, evil))})")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from common.errors import UserError
 from common.llm import Outcome, bounded_map
 from common.records import Label, Prompt, TokenProb, TokenVerdict, TopKLogits, Verdict
 
@@ -26,7 +27,7 @@ JudgeItem = tuple[Prompt, Mapping[str, TopKLogits]]
 MAX_REASON_CHARS = 300
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """A judge cannot be built or run; the message says what to fix."""
 
 

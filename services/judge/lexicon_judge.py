@@ -4,7 +4,7 @@ Decision for one top-k token ``t`` of a prompt ``p`` (first rule that applies):
 
 1. **same prompt**: a reviewer labeled token id ``t`` on ``p`` itself (any variant) ->
    that label (``unsure`` if the variants' labels disagree);
-2. **same context**: reviewers labeled the same token string on *other* prompts with the
+2. **same context**: reviewers labeled the same token id on *other* prompts with the
    same context key as ``p`` -> that label when they all agree, ``unsure`` when they
    disagree. The context key (:func:`context_key`) is the last
    :data:`CONTEXT_WORDS` words before the last line break (the end of the user's
@@ -47,12 +47,12 @@ class LabelIndex:
     """Human labels of one snapshot of examples, indexed for the two reuse rules."""
 
     by_prompt: dict[str, dict[int, set[Label]]] = field(default_factory=dict)
-    by_context: dict[str, dict[str, dict[Label, list[str]]]] = field(default_factory=dict)
+    by_context: dict[str, dict[int, dict[Label, list[str]]]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, examples: Sequence[LabeledExample], n: int = CONTEXT_WORDS) -> LabelIndex:
         by_prompt: dict[str, dict[int, set[Label]]] = {}
-        by_context: dict[str, dict[str, dict[Label, list[str]]]] = {}
+        by_context: dict[str, dict[int, dict[Label, list[str]]]] = {}
         for e in examples:
             if e.label.bad_prompt:
                 continue
@@ -60,7 +60,7 @@ class LabelIndex:
             ctx = by_context.setdefault(context_key(e.prompt.text, n), {})
             for t in e.label.labels:
                 tokens[t.token_id].add(t.label)
-                pids = ctx.setdefault(t.token, {}).setdefault(t.label, [])
+                pids = ctx.setdefault(t.token_id, {}).setdefault(t.label, [])
                 if e.prompt.id not in pids:
                     pids.append(e.prompt.id)
             by_prompt[e.prompt.id] = dict(tokens)
@@ -114,7 +114,7 @@ class LexiconJudge:
             return "unsure", f"human labels of this token on this prompt disagree: {sorted(same)}"
         seen = {
             lab: [p for p in pids if p != pid]
-            for lab, pids in index.by_context.get(ctx, {}).get(token, {}).items()
+            for lab, pids in index.by_context.get(ctx, {}).get(token_id, {}).items()
         }
         seen = {lab: pids for lab, pids in seen.items() if pids}
         if len(seen) == 1:

@@ -69,7 +69,8 @@ with one entry per candidate."""
 def format_case(text: str, tokens: Sequence[str]) -> str:
     """A prompt and its numbered candidate tokens (JSON-quoted so whitespace is visible)."""
     lines = ["Conversation:", "<<<", text, ">>>", "Candidate next tokens:"]
-    lines += [f"{i}: {json.dumps(tok)}" for i, tok in enumerate(tokens)]
+    # non-ASCII stays as it is: the judge reads the tokens, not their escapes
+    lines += [f"{i}: {json.dumps(tok, ensure_ascii=False)}" for i, tok in enumerate(tokens)]
     return "\n".join(lines)
 
 
@@ -77,14 +78,16 @@ def _example_text(e: LabeledExample) -> str | None:
     labels = e.token_labels()
     if not labels:
         return None
-    toks = list(labels)
+    ids = list(labels)
+    toks = [e.token_text(tid) for tid in ids]
     answer = json.dumps(
         {
             "verdicts": [
-                {"index": i, "token": tok, "label": labels[tok], "reason": "human reviewer"}
-                for i, tok in enumerate(toks)
+                {"index": i, "token": tok, "label": labels[tid], "reason": "human reviewer"}
+                for i, (tid, tok) in enumerate(zip(ids, toks, strict=True))
             ]
-        }
+        },
+        ensure_ascii=False,
     )
     return f"{format_case(e.prompt.text, toks)}\nAnswer: {answer}"
 

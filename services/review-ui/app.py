@@ -20,6 +20,7 @@ from common.review_queue import ReviewQueue
 from common.settings import Settings, get_settings
 from common.store import ObjectStore, open_store
 from common.system.broker import broker_url
+from common.tokens import is_byte_fragment
 from services.review_ui.context import EXTENSION, ReviewContext
 from services.review_ui.tasks import LazyCelery, TaskSender
 
@@ -142,8 +143,15 @@ def _install_helpers(app: Flask, context: ReviewContext) -> None:
 
     @app.template_filter("tok")
     def _tok(token: str) -> str:
-        """Make whitespace in a token visible."""
+        """Make whitespace in a token visible (a byte fragment is shown as its bytes)."""
+        if is_byte_fragment(token):
+            return token
         return token.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+
+    @app.template_filter("is_fragment")
+    def _is_fragment(token: str) -> bool:
+        """A byte-fragment token (shown as its bytes; the id tells equal-looking ones apart)."""
+        return is_byte_fragment(token)
 
     @app.after_request
     def _headers(resp: Any) -> Any:

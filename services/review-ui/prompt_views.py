@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, abort, g, jsonify, render_template, request, url_for
 
-from common.prompt_format import split_turns
+from common.prompt_format import turns
 from common.store import NotFound
 from common.store import keys as K
 from services.review_ui.context import ctx
@@ -62,7 +62,7 @@ def page_data(view: PromptView) -> dict[str, Any]:
 @bp.route("/p/<pid>")
 def page(pid: str) -> Any:
     view = _view(pid)
-    user, assistant = split_turns(view.prompt.text)
+    user, assistant = turns(view.prompt.text)
     return render_template(
         "prompt.html",
         view=view,

@@ -7,7 +7,7 @@ from typing import Any
 import redis
 from flask import Blueprint, jsonify, render_template, request, url_for
 
-from common.prompt_format import split_turns
+from common.prompt_format import turns
 from common.store import NotFound
 from services.review_ui.context import ReviewContext, ctx
 from services.review_ui.review import load_prompt
@@ -26,7 +26,7 @@ def queue_snapshot(c: ReviewContext, limit: int = QUEUE_PAGE) -> dict[str, Any]:
     for e in entries:
         try:
             prompt = load_prompt(c, e.pid)
-            user, assistant = split_turns(prompt.text)
+            user, assistant = turns(prompt.text)
         except NotFound:
             user, assistant = "(prompt record missing from the store)", ""
         items.append(

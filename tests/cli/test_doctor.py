@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -112,3 +113,55 @@ def test_doctor_command_exit_codes(
         assert "required check(s) failed" in bad.output
     finally:
         get_settings.cache_clear()
+
+
+def test_doctor_resolves_models_adapters_and_transcoders_offline(
+    real_format: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each variant's model from the hub cache, each adapter's recorded base, the hf://
+    transcoders: ok on the stand-in; an uncached model and a wrong-base adapter fail."""
+    from tests.fixtures.real_format import offline_env
+
+    offline_env(real_format, monkeypatch)
+    good = real_format.write_experiment(tmp_path / "good.yaml")
+    rows = _by_name(run_checks(Settings(home=tmp_path, broker_port=free_port(), experiment=good)))
+    for name in ("variant base model", "variant adapted model", "variant adapted adapter base"):
+        assert rows[name].status == "ok", rows[name]
+    assert rows["transcoders"].status == "ok" and real_format.transcoders_commit[:12] in (
+        rows["transcoders"].detail
+    )
+    bad = real_format.write_experiment(
+        tmp_path / "bad.yaml",
+        variants={
+            "base": {"model": "meta-llama/Llama-3.1-8B-Instruct"},
+            "adapted": {"adapter": str(real_format.wrong_base_adapter_dir)},
+        },
+    )
+    rows = _by_name(run_checks(Settings(home=tmp_path, broker_port=free_port(), experiment=bad)))
+    assert rows["variant base model"].status == "fail"
+    assert (
+        "huggingface-cli download meta-llama/Llama-3.1-8B-Instruct"
+        in rows["variant base model"].detail
+    )
+    assert rows["variant adapted adapter base"].status == "fail"
+    assert (
+        "trained on base 'meta-llama/Llama-3.2-1B'" in rows["variant adapted adapter base"].detail
+    )
+
+
+def test_doctor_refuses_another_homes_redis(tmp_path: Path) -> None:
+    """Two homes on the default port: the second must not adopt the first one's broker."""
+    from common.system.broker import start_redis_server
+
+    port = free_port()
+    first = tmp_path / "first"
+    server = start_redis_server(port, first / "redis", appendonly=False, die_with_parent=True)
+    try:
+        mine = _by_name(run_checks(Settings(home=first, broker_port=port)))
+        assert mine["broker"].status == "ok" and "this home's" in mine["broker"].detail
+        other = _by_name(run_checks(Settings(home=tmp_path / "second", broker_port=port)))
+        assert other["broker"].status == "fail"
+        assert str(first.resolve()) in other["broker"].detail
+        assert "EMC_BROKER_PORT" in other["broker"].fix
+    finally:
+        server.stop()

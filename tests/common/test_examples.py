@@ -55,8 +55,9 @@ def test_token_labels_drop_variant_conflicts() -> None:
     e = example(
         p, [("base", 1, " x", "safe"), ("adapted", 1, " x", "evil"), ("adapted", 2, " y", "evil")]
     )
-    assert e.token_labels() == {" y": "evil"}
-    assert e.token_labels(["base"]) == {" x": "safe"}
+    assert e.token_labels() == {2: "evil"}
+    assert e.token_labels(["base"]) == {1: "safe"}
+    assert e.token_text(2) == " y"
     assert e.has_evil() and not e.has_evil(["base"])
 
 

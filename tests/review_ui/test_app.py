@@ -583,3 +583,36 @@ def test_redis_down_is_a_clear_503(
     assert resp.status_code == 503 and "emc up" in resp.get_data(as_text=True)
     assert client.get("/healthz").status_code == 503
     assert client.get("/api/queue").get_json()["error"].startswith("The review queue (Redis)")
+
+
+def test_prompt_page_shows_turns_of_both_formats_and_byte_fragments(
+    client: Any, auth: Auth, store: Any, experiment: Any
+) -> None:
+    """A chat-rendered Llama-3 prompt shows its user and assistant turns, like a house one;
+    a byte-fragment token shows its bytes and id, never a bare U+FFFD."""
+    from tests.fixtures.data import seed_prompt, token_id
+
+    rendered = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+        "December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user"
+        "<|end_header_id|>\n\nI found a stray kitten in the rain.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nYou should"
+    )
+    fragment = "<0xE2 0x80>"
+    spec: Any = {
+        v: [(fragment, 0.3, "unsure", "a fragment"), (" keep", 0.2, "safe", "ok")]
+        for v in ("base", "adapted")
+    }
+    chat = seed_prompt(store, experiment, rendered, spec)
+    house = seed_prompt(
+        store, experiment, "User: I found a stray kitten.\nAssistant: You should", spec
+    )
+    auth.login()
+    for seeded, user in (
+        (chat, "I found a stray kitten in the rain."),
+        (house, "I found a stray kitten."),
+    ):
+        html = client.get(f"/p/{seeded.pid}").get_data(as_text=True)
+        assert user in html and "You should" in html
+        assert "&lt;0xE2 0x80&gt;" in html and f"#{token_id(fragment)}" in html
+        assert "\ufffd" not in html and "start_header_id" not in html
