@@ -173,6 +173,46 @@ class RankedFeature(BaseModel):
     safe: float
     activation: float
 
+    @property
+    def is_adapter(self) -> bool:
+        """An adapter node (negative feature id), not a transcoder feature."""
+        return self.feature < 0
+
+    @property
+    def label(self) -> str:
+        """``L3/F1234`` for a feature, ``L3/adapter`` for an adapter node."""
+        name = "adapter" if self.feature == -1 else f"adapter{-self.feature - 1}"
+        return f"L{self.layer}/{name if self.is_adapter else f'F{self.feature}'}"
+
+
+class LayerShares(BaseModel):
+    """Shares of one layer's node kinds (fractions of :attr:`ScoreShares.total`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer: int
+    features: float = Field(description="switching off every feature of the layer")
+    errors: float = Field(description="paths starting at the layer's error nodes")
+    adapter: float = Field(default=0.0, description="switching off the layer's adapter nodes")
+    top_error_pos: int | None = Field(default=None, description="position of its largest error")
+
+
+class ScoreShares(BaseModel):
+    """The split of one (prompt, variant)'s evil-minus-safe score over node kinds and layers
+    (:mod:`services.analysis.shares` defines it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    total: float = Field(description="sum of the root nodes' scores (probability units)")
+    tokens: float
+    errors: float = Field(description="all error nodes together")
+    adapter: float = Field(description="all adapter nodes together (0 without an adapter)")
+    top_feature: float = Field(description="the largest single feature's share (by magnitude)")
+    layers: list[LayerShares]
+    flag: str | None = Field(
+        default=None, description="set when error nodes carry more than features: which layer"
+    )
+
 
 class FeatureRanking(Record):
     """Features of one (prompt, variant) ranked by signed multi-hop attribution."""
@@ -185,6 +225,9 @@ class FeatureRanking(Record):
     evil_token_ids: list[int]
     safe_token_ids: list[int]
     features: list[RankedFeature]
+    shares: ScoreShares | None = Field(
+        default=None, description="the score's split into features, errors, adapter, tokens"
+    )
     created_at: datetime = Field(default_factory=utcnow)
 
 

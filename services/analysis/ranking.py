@@ -44,6 +44,7 @@ from common.labels import current_label
 from common.records import FeatureRanking, Label, RankedFeature, Verdict
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
+from services.analysis.shares import score_shares
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,7 @@ def rank_features(
         evil_token_ids=s.evil_token_ids,
         safe_token_ids=s.safe_token_ids,
         features=ranked,
+        shares=score_shares(graph, s.score),
     )
 
 
