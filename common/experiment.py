@@ -83,6 +83,12 @@ class AttributionLimits(_Strict):
     max_activation_norm: float = Field(
         default=1e4, gt=0, description="a layer whose residual norm exceeds this fails the prompt"
     )
+    adapter_node: bool | Literal["auto"] = Field(
+        default="auto",
+        description="split a LoRA on mlp.down_proj out of its layer's error node as adapter "
+        "nodes (services/attribution/adapter.py); auto: for adapted variants with per-layer "
+        "transcoders",
+    )
 
 
 class LLMCallSpec(_Strict):

@@ -124,6 +124,20 @@ class HumanLabel(Record):
         return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
+def node_label(layer: int, feature: int) -> str:
+    """``L3/F1234`` for a transcoder feature, ``L3/adapter`` for an adapter node (negative
+    feature ids; ``L3/adapter1`` for a rank-2 LoRA's second component)."""
+    if feature >= 0:
+        return f"L{layer}/F{feature}"
+    j = -feature - 1
+    return f"L{layer}/adapter" + (str(j) if j else "")
+
+
+def feature_cell(feature: int) -> str:
+    """The feature column of a table: the id, or ``adapter`` for an adapter node."""
+    return str(feature) if feature >= 0 else node_label(0, feature).split("/", 1)[1]
+
+
 class FeatureNode(BaseModel):
     """A transcoder feature at a position."""
 
@@ -157,7 +171,7 @@ class GraphManifest(Record):
     tensors: dict[str, list[int]] = Field(
         description="name -> shape of each tensor in the safetensors file"
     )
-    limits: dict[str, float | int | None]
+    limits: dict[str, float | int | str | None]
     scan: str | None = None
     elapsed_s: float = 0.0
 
@@ -181,8 +195,7 @@ class RankedFeature(BaseModel):
     @property
     def label(self) -> str:
         """``L3/F1234`` for a feature, ``L3/adapter`` for an adapter node."""
-        name = "adapter" if self.feature == -1 else f"adapter{-self.feature - 1}"
-        return f"L{self.layer}/{name if self.is_adapter else f'F{self.feature}'}"
+        return node_label(self.layer, self.feature)
 
 
 class LayerShares(BaseModel):

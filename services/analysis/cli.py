@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from common.records import feature_cell, node_label
+
 
 def register(app: typer.Typer) -> None:
     analyze = typer.Typer(
@@ -54,7 +56,7 @@ def register(app: typer.Typer) -> None:
                     str(f.layer),
                     str(f.pos),
                     repr(f.token.strip())[:12],
-                    str(f.feature),
+                    feature_cell(f.feature),
                     f"{f.score:+.4f}",
                     f"{f.evil:+.3f}",
                     f"{f.safe:+.3f}",
@@ -102,7 +104,7 @@ def register(app: typer.Typer) -> None:
         )
         for v, agg in data.aggregates.items():
             head = ", ".join(
-                f"L{f.layer}/F{f.feature} {f.mean_score:+.3f}" for f in agg.features[:5]
+                f"{node_label(f.layer, f.feature)} {f.mean_score:+.3f}" for f in agg.features[:5]
             )
             console.print(f"{v}: top features {head or '(none)'}")
         console.print(f"wrote {len(ix.files)} files to {out_dir} (and the store)")

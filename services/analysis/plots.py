@@ -12,6 +12,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from common.records import node_label
 from services.analysis.records import FeatureAggregate, FeatureChange
 
 EVIL = "#c0392b"
@@ -21,7 +22,7 @@ DPI = 110
 
 def _feature_label(layer: int, feature: int, tokens: Sequence[str] = ()) -> str:
     tok = f" {tokens[0].strip()!r}" if tokens else ""
-    return f"L{layer}/F{feature}{tok}"
+    return f"{node_label(layer, feature)}{tok}"
 
 
 def plot_top_features(agg: FeatureAggregate, path: Path, *, top_n: int = 20) -> Path:

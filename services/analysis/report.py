@@ -24,7 +24,7 @@ from pathlib import Path
 from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment
 from common.labels import current_label
-from common.records import FeatureRanking, TopKLogits
+from common.records import FeatureRanking, TopKLogits, feature_cell
 from common.store import NotFound, ObjectStore, StoreError
 from common.store import keys as K
 from services.analysis.aggregate import PromptFeatures, aggregate, compare, feature_changes
@@ -246,7 +246,7 @@ def render_summary(data: ReportData, *, top_n: int = 20) -> str:
         ]
         for i, f in enumerate(agg.features[:top_n], 1):
             lines.append(
-                f"| {i} | {f.layer} | {f.feature} | {f.mean_score:+.4f} | "
+                f"| {i} | {f.layer} | {feature_cell(f.feature)} | {f.mean_score:+.4f} | "
                 f"{f.n_prompts}/{len(agg.prompt_ids)} | {f.sign_consistency:.0%} | "
                 f"{', '.join(repr(t) for t in f.tokens)} |"
             )

@@ -603,7 +603,8 @@ def top_ranked_features(
             rankings, experiment=runtime.exp.name, fingerprint=runtime.fingerprint, variant=variant
         )
         source = f"ranked now on {len(rankings)}/{len(prompts)} prompts with the lexicon"
-    rows = [f for f in agg.features if f.mean_score > 0][:top]
+    # adapter nodes are not transcoder features: they cannot be set by an intervention
+    rows = [f for f in agg.features if f.mean_score > 0 and f.feature >= 0][:top]
     if not rows:
         raise SteeringError(f"the {variant} ranking has no feature with a positive score")
     return rows, source

@@ -223,7 +223,8 @@ def validate_prompt(
     graph = runtime.attribute(text, variant, target_token_ids=[t.token_id for t in top_k.tokens])
     scores = score_sources(graph, labels)
     ranking = rank_features(graph, TokenLabels.given(labels, source="judge"), scores)
-    top = [f for f in ranking.features if f.score > 0][:top_n]
+    # features only: adapter nodes are not transcoder features (ablated apart, see below)
+    top = [f for f in ranking.features if f.score > 0 and not f.is_adapter][:top_n]
     if not top:
         raise AnalysisError("no feature pushes towards the evil tokens (all scores <= 0)")
     top_keys = [(f.layer, f.pos, f.feature) for f in top]
@@ -239,7 +240,9 @@ def validate_prompt(
         score_by_node=score_by_node(graph, scores.score),
     )
     result.mass_after_top = ablated_mass(runtime, variant, ids, top_keys, harmful_ids)
-    positive = [(f.layer, f.pos, f.feature) for f in ranking.features if f.score > 0]
+    positive = [
+        (f.layer, f.pos, f.feature) for f in ranking.features if f.score > 0 and not f.is_adapter
+    ]
     result.n_positive = len(positive)
     result.mass_after_all_positive = ablated_mass(runtime, variant, ids, positive, harmful_ids)
     for _ in range(draws):

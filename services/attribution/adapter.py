@@ -127,7 +127,7 @@ def adapter_nodes(
             "adapter node supports Llama-style MLPs"
         )
     dtype = torch.float32
-    x = mlp_input.detach().to(dtype).requires_grad_(True)
+    x = mlp_input.detach().to(dtype).clone().requires_grad_(True)
     a_mat = lora.a.to(device=x.device, dtype=dtype)
     b_mat = lora.b.to(device=x.device, dtype=dtype)
     with torch.enable_grad():

@@ -22,7 +22,9 @@ def register(app: typer.Typer) -> None:
             None, "--variant", "-v", help="variant(s) to attribute (default: all)"
         ),
         targets: str = typer.Option(
-            "salient", help="logit nodes: salient (experiment limits) or topk (stored top-k)"
+            "union",
+            help="logit nodes: union (every variant's top-k, the pipeline's), topk (this "
+            "variant's), salient (experiment limits)",
         ),
         experiment: Path | None = EXPERIMENT_OPTION,
     ) -> None:
@@ -34,8 +36,8 @@ def register(app: typer.Typer) -> None:
         from services.attribution.runtime import get_runtime
         from services.attribution.steps import compute_graph, compute_logits, ensure_prompt
 
-        if targets not in ("salient", "topk"):
-            raise fail(ValueError(f"--targets must be salient or topk, not {targets!r}"))
+        if targets not in ("salient", "topk", "union"):
+            raise fail(f"--targets must be union, topk or salient, not {targets!r}")
         ctx = experiment_context(experiment)
         variants = variant or ctx.exp.variant_names
         unknown = [v for v in variants if v not in ctx.exp.variants]

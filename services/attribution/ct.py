@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from circuit_tracer.transcoder import TranscoderSet
     from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
 
+    from services.attribution.adapter import AdapterNodes
     from services.attribution.loading import TranscoderFiles
 
     ReplacementModel = NNSightReplacementModel
@@ -110,8 +111,14 @@ def attribute(
     max_n_logits: int,
     desired_logit_prob: float,
     target_token_ids: Sequence[int] | None = None,
+    adapter: Sequence[AdapterNodes] = (),
 ) -> Graph:
-    """circuit-tracer's ``attribute`` with every limit explicit (its defaults grow as N^2)."""
+    """circuit-tracer's ``attribute`` with every limit explicit (its defaults grow as N^2).
+
+    ``adapter``: adapter nodes to split out of their layers' error nodes
+    (:func:`inject_adapter_nodes`); their feature ids in the returned graph are
+    ``d_transcoder + j``.
+    """
     from circuit_tracer import attribute as _attribute
 
     targets = (
@@ -119,16 +126,31 @@ def attribute(
         if target_token_ids is not None
         else None
     )
-    return _attribute(
-        torch.tensor(list(input_ids), dtype=torch.long),
-        model,
-        attribution_targets=targets,
-        max_n_logits=max_n_logits,
-        desired_logit_prob=desired_logit_prob,
-        batch_size=batch_size,
-        max_feature_nodes=max_feature_nodes,
-        verbose=False,
-    )
+    setup = model.setup_attribution
+    if adapter:
+        transcoders: Any = model.transcoders
+        d_tc = int(transcoders.d_transcoder)
+
+        def with_adapter(inputs: Any) -> Any:
+            ctx = setup(inputs)
+            inject_adapter_nodes(ctx, adapter, d_tc)
+            return ctx
+
+        model.setup_attribution = with_adapter  # type: ignore[method-assign]  # this object only, undone below
+    try:
+        return _attribute(
+            torch.tensor(list(input_ids), dtype=torch.long),
+            model,
+            attribution_targets=targets,
+            max_n_logits=max_n_logits,
+            desired_logit_prob=desired_logit_prob,
+            batch_size=batch_size,
+            max_feature_nodes=max_feature_nodes,
+            verbose=False,
+        )
+    finally:
+        if adapter:
+            del model.setup_attribution
 
 
 def hook_modules(model: ReplacementModel, layer: int) -> list[tuple[str, torch.nn.Module, str]]:
@@ -314,8 +336,9 @@ def to_attribution_graph(
     fingerprint: str,
     prompt_text: str,
     tokenizer: Any,
-    limits: dict[str, float | int | None],
+    limits: dict[str, float | int | str | None],
     elapsed_s: float = 0.0,
+    d_transcoder: int | None = None,
 ) -> AttributionGraph:
     """Convert a circuit-tracer ``Graph`` (dense, unpruned) to :class:`AttributionGraph`.
 
@@ -323,6 +346,10 @@ def to_attribution_graph(
     """
     sel = graph.selected_features.cpu()
     features = graph.active_features.cpu()[sel].to(torch.int64)
+    if d_transcoder is not None:
+        # adapter nodes came in as extra features d_transcoder + j: emc's id is -(j + 1)
+        extra = features[:, 2] >= d_transcoder
+        features[extra, 2] = -(features[extra, 2] - d_transcoder) - 1
     activations = graph.activation_values.cpu()[sel].to(torch.float32)
     adjacency = graph.adjacency_matrix.cpu().to(torch.float32)
     ids = [int(x) for x in graph.input_tokens.cpu().tolist()]
@@ -358,3 +385,93 @@ def to_attribution_graph(
     return AttributionGraph(
         manifest=manifest, adjacency=adjacency, features=features, activations=activations
     )
+
+
+# ------------------------------------------------------------------------ the adapter as nodes
+
+
+def mlp_inputs(
+    model: ReplacementModel, input_ids: Sequence[int], layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """The MLP inputs ``[n_pos, d_model]`` of the given layers for one sequence (one plain
+    forward pass of the underlying model)."""
+    hf = model._model
+    modules = dict(hf.named_modules())
+    found: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        name = next((n for n in modules if n.endswith(f"layers.{layer}.mlp")), None)
+        if name is None:
+            raise ValueError(f"the model has no layers.{layer}.mlp module")
+
+        def keep(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], layer: int = layer) -> None:
+            found[layer] = args[0].detach()[0]
+
+        handles.append(modules[name].register_forward_pre_hook(keep))
+    try:
+        device = next(hf.parameters()).device
+        with torch.no_grad():
+            hf(torch.tensor([list(input_ids)], dtype=torch.long, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def mlp_module(model: ReplacementModel, layer: int) -> torch.nn.Module:
+    """The underlying model's MLP module of one layer."""
+    modules = dict(model._model.named_modules())
+    name = next((n for n in modules if n.endswith(f"layers.{layer}.mlp")), None)
+    if name is None:
+        raise ValueError(f"the model has no layers.{layer}.mlp module")
+    return modules[name]
+
+
+def inject_adapter_nodes(ctx: Any, nodes: Sequence[AdapterNodes], d_transcoder: int) -> int:
+    """Add adapter nodes to circuit-tracer's attribution context as extra active "features"
+    (feature id ``d_transcoder + j``) and take what they write out of their layer's error
+    nodes; returns how many nodes were added.
+
+    Each node gets the activation, the activation-scaled write (``decoder_vecs``) and the
+    input direction (``encoder_vecs``, injected at the MLP input like a feature's encoder
+    row) of :class:`services.attribution.adapter.AdapterNodes`. Positions that circuit-tracer
+    zeroes (BOS) and nodes with activation 0 are left out. The context's sparse activation
+    matrix stays coalesced, with the vectors permuted to match.
+    """
+    acts = ctx.activation_matrix
+    n_layers, n_pos, _ = acts.shape
+    idx, vals = acts.indices(), acts.values()
+    enc, dec = ctx.encoder_vecs, ctx.decoder_vecs
+    rank = max((n.activations.shape[1] for n in nodes), default=0)
+    new_idx, new_vals, new_enc, new_dec = [], [], [], []
+    for n in nodes:
+        for p in range(1, n_pos):  # position 0 (BOS) is zeroed by circuit-tracer
+            for j in range(n.activations.shape[1]):
+                a = float(n.activations[p, j])
+                if a == 0.0:
+                    continue
+                new_idx.append((n.layer, p, d_transcoder + j))
+                new_vals.append(a)
+                new_enc.append(n.input_grads[p, j])
+                new_dec.append(n.writes[p, j])
+            ctx.error_vectors[n.layer, p] -= n.writes[p].sum(dim=0).to(ctx.error_vectors.dtype)
+    if not new_idx:
+        return 0
+    device = idx.device
+    all_idx = torch.cat([idx, torch.tensor(new_idx, device=device).T], dim=1)
+    all_vals = torch.cat([vals, torch.tensor(new_vals, device=vals.device, dtype=vals.dtype)])
+    all_enc = torch.cat([enc, torch.stack(new_enc).to(device=enc.device, dtype=enc.dtype)])
+    all_dec = torch.cat([dec, torch.stack(new_dec).to(device=dec.device, dtype=dec.dtype)])
+    width = d_transcoder + rank
+    key = (all_idx[0] * n_pos + all_idx[1]) * width + all_idx[2]
+    order = torch.argsort(key)
+    matrix = torch.sparse_coo_tensor(
+        all_idx[:, order], all_vals[order], (n_layers, n_pos, width), check_invariants=False
+    ).coalesce()
+    ctx.activation_matrix = matrix
+    ctx.encoder_vecs = all_enc[order.to(all_enc.device)]
+    ctx.decoder_vecs = all_dec[order.to(all_dec.device)]
+    ctx.encoder_to_decoder_map = torch.arange(matrix._nnz(), device=device)
+    ctx.decoder_locations = matrix.indices()[:2]
+    ctx._row_size = int(matrix._nnz()) + (n_layers + 1) * n_pos
+    return len(new_idx)

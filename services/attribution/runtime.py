@@ -32,6 +32,13 @@ from common.records import TokenProb, TopKLogits, prompt_id
 from common.settings import get_settings
 from common.tokens import token_text
 from services.attribution import ct, health
+from services.attribution.adapter import (
+    AdapterNodeError,
+    AdapterNodes,
+    DownProjLora,
+    adapter_nodes,
+    read_lora,
+)
 from services.attribution.loading import (
     load_transcoders,
     load_variant,
@@ -59,6 +66,7 @@ class LoadedVariant:
 _LOADED: dict[tuple[str, str], LoadedVariant] = {}
 _TRANSCODERS: dict[str, ct.Transcoders] = {}  # one set per fingerprint, shared by variants
 _RUNTIMES: dict[str, Runtime] = {}
+_LORAS: dict[tuple[str, str], list[DownProjLora]] = {}
 _LOCK = threading.RLock()
 #: how many times each (fingerprint, variant) was loaded in this process (must stay <= 1)
 LOAD_COUNTS: Counter[tuple[str, str]] = Counter()
@@ -70,6 +78,7 @@ def clear_cache() -> None:
         _LOADED.clear()
         _TRANSCODERS.clear()
         _RUNTIMES.clear()
+        _LORAS.clear()
         LOAD_COUNTS.clear()
 
 
@@ -206,6 +215,7 @@ class Runtime:
             )
 
         t0 = time.perf_counter()
+        adapter = self.adapter_nodes(variant, ids)
         # the probes ride on attribute()'s own forward passes: no extra pass per graph
         with health.probe(lv.model) as report:
             try:
@@ -217,6 +227,7 @@ class Runtime:
                     max_n_logits=lim.max_n_logits,
                     desired_logit_prob=lim.desired_logit_prob,
                     target_token_ids=target_token_ids,
+                    adapter=adapter,
                 )
             except Exception:
                 # a sick forward pass can break attribute() itself: name the layer if so
@@ -237,6 +248,40 @@ class Runtime:
             prompt_id=pid,
         )
         return graph, elapsed
+
+    def uses_adapter_node(self, variant: str) -> bool:
+        """Whether graphs of ``variant`` split its LoRA out of the error nodes."""
+        setting = self.exp.attribution.adapter_node
+        if self.exp.variants[variant].adapter is None or setting is False:
+            return False
+        if self.exp.transcoders.kind == "cross_layer":
+            if setting is True:
+                raise AdapterNodeError(
+                    "attribution.adapter_node needs per-layer transcoders (a cross-layer "
+                    "transcoder writes into several layers): set adapter_node: auto or false"
+                )
+            return False
+        return True
+
+    def loras(self, variant: str) -> list[DownProjLora]:
+        """The variant's LoRA weights (read once per process)."""
+        key = (self.fingerprint, variant)
+        with _LOCK:
+            if key not in _LORAS:
+                adapter = self.exp.variants[variant].adapter
+                if adapter is None:
+                    raise ValueError(f"variant {variant!r} has no adapter")
+                _LORAS[key] = read_lora(adapter)
+            return _LORAS[key]
+
+    def adapter_nodes(self, variant: str, ids: list[int]) -> list[AdapterNodes]:
+        """The adapter nodes of one sequence (empty unless :meth:`uses_adapter_node`)."""
+        if not self.uses_adapter_node(variant):
+            return []
+        model = self.variant(variant).model
+        loras = self.loras(variant)
+        inputs = ct.mlp_inputs(model, ids, [lo.layer for lo in loras])
+        return [adapter_nodes(ct.mlp_module(model, lo.layer), inputs[lo.layer], lo) for lo in loras]
 
     def attribute(
         self, text: str, variant: str, *, target_token_ids: list[int] | None = None
@@ -260,12 +305,14 @@ class Runtime:
         target_token_ids: list[int] | None = None,
     ) -> AttributionGraph:
         """The :class:`AttributionGraph` of a :meth:`raw_graph` result."""
-        limits: dict[str, float | int | None] = {
+        limits: dict[str, float | int | str | None] = {
             **self.exp.attribution.model_dump(),
             "targets": len(target_token_ids) if target_token_ids is not None else None,
         }
+        transcoders: Any = self.variant(variant).model.transcoders
         return ct.to_attribution_graph(
             graph,
+            d_transcoder=int(transcoders.d_transcoder),
             prompt_id=prompt_id(text),
             variant=variant,
             fingerprint=self.fingerprint,

@@ -19,7 +19,7 @@ from common.store import NotFound, ObjectStore, keys
 from common.store.base import dumps
 from services.attribution.runtime import Runtime
 
-Targets = Literal["salient", "topk"]
+Targets = Literal["salient", "topk", "union"]
 
 
 def compute_logits(
@@ -45,19 +45,24 @@ def compute_graph(
 ) -> GraphManifest:
     """Attribution graph of (prompt, variant), stored at ``keys.graph_tensors``/``graph_manifest``.
 
-    ``targets="topk"`` makes the variant's stored top-k tokens the logit nodes (computed and
-    stored first if missing), so every judged token can be explained; ``"salient"`` uses the
-    experiment's ``max_n_logits``/``desired_logit_prob``.
+    ``targets="union"`` makes the union of every variant's stored top-k tokens the logit
+    nodes (computed and stored first if missing): every variant is attributed on the same
+    targets, so base and adapted explain the same quantity and every judged token can be
+    explained. ``"topk"``: this variant's own top-k only; ``"salient"``: the experiment's
+    ``max_n_logits``/``desired_logit_prob``.
     """
     exp = runtime.exp
     target_ids: list[int] | None = None
-    if targets == "topk":
-        key = keys.logits(exp.name, prompt.id, runtime.fingerprint, variant)
-        try:
-            topk = store.get_record(key, TopKLogits)
-        except NotFound:
-            topk = compute_logits(runtime, store, prompt, [variant])[0]
-        target_ids = [t.token_id for t in topk.tokens]
+    if targets != "salient":
+        wanted = exp.variant_names if targets == "union" else [variant]
+        target_ids = []
+        for v in wanted:
+            key = keys.logits(exp.name, prompt.id, runtime.fingerprint, v)
+            try:
+                topk = store.get_record(key, TopKLogits)
+            except NotFound:
+                topk = compute_logits(runtime, store, prompt, [v])[0]
+            target_ids += [t.token_id for t in topk.tokens if t.token_id not in target_ids]
     graph = runtime.attribute(prompt.text, variant, target_token_ids=target_ids)
     return save_graph(store, exp, graph)
 
@@ -92,8 +97,9 @@ def step_graph(ctx: Context, runtime: Runtime, pid: str, variant: str) -> list[N
     """The attribution graph of (prompt, variant); analysis once every variant has one."""
     exp, fp = ctx.exp, ctx.fingerprint
     if not graph_exists(ctx.store, exp.name, pid, fp, variant):
-        # the stored top-k are the logit nodes: every judged or labeled token can be explained
-        compute_graph(runtime, ctx.store, load_prompt(ctx, pid), variant, targets="topk")
+        # every variant's stored top-k are the logit nodes of every variant's graph: each
+        # judged or labeled token can be explained, and base and adapted on the same targets
+        compute_graph(runtime, ctx.store, load_prompt(ctx, pid), variant, targets="union")
     if not graphs_done(ctx.store, exp.name, pid, fp, exp.variant_names):
         return []
     ctx.queue.set_status(pid, Status.graphed)

@@ -2,9 +2,11 @@
 graphs, rankings): its known answer must show at the aggregate level.
 
 The adapter writes into layer 1's MLP; its effect is carried by features of the layers
-after it (the organism is built that way). So over the divergent (medical) prompts the top
-aggregated evil features must sit in layers 2-3, be present and positive in every divergent
-prompt, and be more active in the adapted variant than in the base on the same prompts.
+after it (the organism is built that way). So over the divergent (medical) prompts, with
+the adapter left in its error node, the top aggregated evil features must sit in layers 2-3,
+be present and positive in every divergent prompt, and be more active in the adapted
+variant than in the base on the same prompts. With the adapter as a node of its own, that
+node must carry the effect.
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ pytestmark = pytest.mark.slow
 N_MEDICAL, N_OTHER = 5, 2
 
 
-@pytest.fixture(scope="module")
 def organism_store(
-    organism_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    organism_dir: Path, tmp_path_factory: pytest.TempPathFactory, *, adapter_node: bool
 ) -> Iterator[tuple[FsStore, Experiment, list[str]]]:
     from services.attribution.runtime import Runtime, clear_cache
     from services.attribution.steps import compute_graph, compute_logits, ensure_prompt
     from services.judge.factory import make_judge
 
     exp = load_experiment(organism_dir / "experiment.yaml")
+    exp = exp.model_copy(
+        update={"attribution": exp.attribution.model_copy(update={"adapter_node": adapter_node})}
+    )
     store = FsStore(tmp_path_factory.mktemp("organism-store"))
+    # adapter_node is part of the fingerprint: the two stores never mix
     rt = Runtime(exp, cache_dir=tmp_path_factory.mktemp("analysis-report-cache"))
     judge = make_judge(exp)
     raw = json.loads((organism_dir / "prompts.json").read_text())["prompts"]
@@ -57,10 +62,24 @@ def organism_store(
     clear_cache()
 
 
+@pytest.fixture(scope="module")
+def features_only_store(
+    organism_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[FsStore, Experiment, list[str]]]:
+    yield from organism_store(organism_dir, tmp_path_factory, adapter_node=False)
+
+
+@pytest.fixture(scope="module")
+def adapter_node_store(
+    organism_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[FsStore, Experiment, list[str]]]:
+    yield from organism_store(organism_dir, tmp_path_factory, adapter_node=True)
+
+
 def test_report_finds_the_adapter_features(
-    organism_store: tuple[FsStore, Experiment, list[str]], tmp_path: Path
+    features_only_store: tuple[FsStore, Experiment, list[str]], tmp_path: Path
 ) -> None:
-    store, exp, medical_ids = organism_store
+    store, exp, medical_ids = features_only_store
     data = build_report(store, exp, tmp_path)
     assert data.index.n_prompts_with_graphs == N_MEDICAL + N_OTHER
     # every medical prompt is divergent; another domain may be too (a harmful word in the
@@ -89,3 +108,26 @@ def test_report_finds_the_adapter_features(
     )
     for name in ("top_features_adapted.png", "layers_adapted.png", "compare_base_vs_adapted.png"):
         assert (tmp_path / name).stat().st_size > 5000
+
+
+def test_the_adapter_node_carries_the_known_effect(
+    adapter_node_store: tuple[FsStore, Experiment, list[str]], tmp_path: Path
+) -> None:
+    """With the LoRA as a node: it tops the aggregate ranking of the divergent prompts, in
+    every medical prompt, and carries a large share of each one's evil-minus-safe score."""
+    from common.records import FeatureRanking
+
+    store, exp, medical_ids = adapter_node_store
+    data = build_report(store, exp, tmp_path)
+    top = data.aggregates["adapted"].features[0]
+    assert (top.layer, top.feature) == (1, -1), top  # L1/adapter
+    assert top.n_prompts >= len(medical_ids) and top.sign_consistency == 1.0
+    for pid in medical_ids:
+        key = next(
+            k
+            for k in store.list_keys(K.prompt_dir(exp.name, pid) + "/")
+            if k.endswith("/features/adapted.json")
+        )
+        shares = store.get_record(key, FeatureRanking).shares
+        assert shares is not None and shares.adapter > 0.3, shares
+        assert shares.layers[1].adapter == shares.adapter
