@@ -5,8 +5,47 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
-from common.records import feature_cell, node_label
+from common.records import ScoreShares, feature_cell, node_label
+from services.analysis.diff import PromptDiff, prompt_diff
+
+
+def shares_table(shares: ScoreShares, title: str) -> Table:
+    """The score's split per layer (features, errors, adapter), tokens and the flag."""
+    table = Table("layer", "features", "errors", "adapter", title=title)
+    for row in shares.layers:
+        table.add_row(
+            str(row.layer),
+            f"{row.features:+.0%}",
+            f"{row.errors:+.0%}",
+            f"{row.adapter:+.0%}" if row.adapter else "",
+        )
+    table.add_row("tokens", "", "", "", end_section=True)
+    table.add_row(
+        "total",
+        f"top feature {shares.top_feature:+.1%}",
+        f"{shares.errors:+.0%} (tokens {shares.tokens:+.0%})",
+        f"{shares.adapter:+.0%}" if shares.adapter else "",
+    )
+    if shares.flag:
+        table.caption = f"[yellow]{shares.flag}[/]"
+    return table
+
+
+def diff_table(diff: PromptDiff) -> Table:
+    """The base-vs-adapted diff ranking of one prompt."""
+    table = Table(
+        "node",
+        diff.reference,
+        diff.variant,
+        "change",
+        title=f"{diff.prompt_id}: what changed from {diff.reference} to {diff.variant} "
+        f"(same targets; score total {diff.total_reference:+.3f} -> {diff.total_variant:+.3f})",
+    )
+    for n in diff.nodes:
+        table.add_row(n.label, f"{n.reference:+.4f}", f"{n.variant:+.4f}", f"{n.change:+.4f}")
+    return table
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +65,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rank the features of one prompt (stored at keys.features; cached by labels)."""
         from rich.console import Console
-        from rich.table import Table
 
         from common.context import get_context
         from services.analysis.report import prompt_rankings
@@ -63,6 +101,11 @@ def register(app: typer.Typer) -> None:
                     f"{f.activation:.2f}",
                 )
             console.print(table)
+            if r.shares is not None:
+                console.print(shares_table(r.shares, f"{pid} / {v}: where the score goes"))
+        ref = ctx.exp.reference
+        for v in (x for x in done if x != ref and ref in done):
+            console.print(diff_table(prompt_diff(done[ref], done[v], top=top)))
         for v, reason in failed.items():
             console.print(f"[red]{pid} / {v}: not ranked:[/red] {reason}")
         if failed and not done:

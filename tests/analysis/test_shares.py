@@ -48,3 +48,54 @@ def test_error_nodes_carrying_more_than_features_are_flagged() -> None:
     assert "position 2" in shares.flag
     assert max(abs(r.errors) for r in shares.layers) == abs(shares.layers[1].errors)
     assert score_shares(g, torch.zeros_like(score)).flag is None
+
+
+def test_diff_ranking_orders_nodes_by_the_change_of_their_contribution() -> None:
+    from common.records import FeatureRanking, LayerShares, RankedFeature, ScoreShares
+    from services.analysis.diff import prompt_diff
+
+    def ranking(
+        variant: str, feats: list[tuple[int, int, int, float]], err1: float
+    ) -> FeatureRanking:
+        shares = ScoreShares(
+            total=1.0,
+            tokens=0.1,
+            errors=err1,
+            adapter=0.0,
+            top_feature=0.0,
+            layers=[
+                LayerShares(layer=0, features=0, errors=0.0),
+                LayerShares(layer=1, features=0, errors=err1),
+            ],
+        )
+        return FeatureRanking(
+            prompt_id="p",
+            variant=variant,
+            fingerprint="f",
+            labels_version="v",
+            label_source="judge",
+            evil_token_ids=[1],
+            safe_token_ids=[2],
+            shares=shares,
+            features=[
+                RankedFeature(
+                    layer=l,
+                    pos=p,
+                    feature=i,
+                    token="t",
+                    score=sc,
+                    evil=sc,
+                    safe=0.0,
+                    activation=1.0,
+                )
+                for l, p, i, sc in feats
+            ],
+        )
+
+    base = ranking("base", [(2, 3, 7, 0.01), (2, 3, 8, 0.05)], err1=0.1)
+    adapted = ranking("adapted", [(2, 3, 7, 0.30), (1, 3, -1, 0.20)], err1=0.5)
+    diff = prompt_diff(base, adapted)
+    assert [n.label for n in diff.nodes[:3]] == ["L1 errors", "L2/F7@3", "L1/adapter@3"]
+    by = {n.label: n for n in diff.nodes}
+    assert by["L2/F8@3"].variant == 0.0 and by["L2/F8@3"].change == -0.05  # absent = 0
+    assert by["L1/adapter@3"].kind == "adapter" and by["L1/adapter@3"].reference == 0.0
