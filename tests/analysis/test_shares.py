@@ -88,7 +88,7 @@ def test_diff_ranking_orders_nodes_by_the_change_of_their_contribution() -> None
                     safe=0.0,
                     activation=1.0,
                 )
-                for l, p, i, sc in feats
+                for lay, p, i, sc in feats
             ],
         )
 
