@@ -79,7 +79,7 @@ def test_diff_ranking_orders_nodes_by_the_change_of_their_contribution() -> None
             shares=shares,
             features=[
                 RankedFeature(
-                    layer=l,
+                    layer=lay,
                     pos=p,
                     feature=i,
                     token="t",
