@@ -93,3 +93,16 @@ def test_adapters_beyond_down_proj_are_refused(tmp_path: Path, real_format: Real
         read_lora(other)
     cfg = json.loads((real_format.adapter_dir / "adapter_config.json").read_text())
     assert cfg["r"] == 1
+
+
+def test_adapter_nodes_are_always_in_the_graph(
+    real_format: RealFormat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With few feature nodes allowed, every adapter node still gets a row (attributed
+    first): dropping one would lose its share of the score from the graph."""
+    offline_env(real_format, monkeypatch)
+    exp = load_experiment(real_format.write_experiment(tmp_path / "exp.yaml"))
+    rt = Runtime(_with(exp, max_feature_nodes=8), fingerprint="few", cache_dir=tmp_path)
+    g = rt.attribute(PROMPT, "adapted")
+    assert int((g.features[:, 2] < 0).sum()) == g.manifest.n_pos - 1
+    assert g.n_features == g.manifest.n_pos - 1  # the adapter nodes took the whole budget

@@ -1,4 +1,5 @@
-"""The one module that calls circuit-tracer (pinned ``circuit-tracer==0.5.0``).
+"""The one package that calls circuit-tracer (pinned ``circuit-tracer==0.5.0``); :mod:`.fast`
+is emc's attribution driver around upstream's pieces (docs/upstream-attribution.md).
 
 Everything else in emc goes through these functions, so an upstream release that moves or
 renames things is a change here only. Imports of circuit-tracer happen inside functions:
@@ -112,45 +113,39 @@ def attribute(
     desired_logit_prob: float,
     target_token_ids: Sequence[int] | None = None,
     adapter: Sequence[AdapterNodes] = (),
+    rows_per_pass: int | None = None,
 ) -> Graph:
-    """circuit-tracer's ``attribute`` with every limit explicit (its defaults grow as N^2).
+    """An attribution graph: circuit-tracer's graph for these limits, computed by emc's own
+    driver (:mod:`.fast`: gather-free contraction, pass width per device; same numbers as
+    stock ``attribute`` with this ``batch_size``, checked by tests/attribution).
 
-    ``adapter``: adapter nodes to split out of their layers' error nodes
-    (:func:`inject_adapter_nodes`); their feature ids in the returned graph are
-    ``d_transcoder + j``.
+    ``adapter``: adapter nodes split out of their layers' error nodes
+    (:func:`inject_adapter_nodes`); they are always in the graph (attributed first), with
+    feature ids ``d_transcoder + j``. ``rows_per_pass`` None: chosen per device.
     """
-    from circuit_tracer import attribute as _attribute
+    from services.attribution.ct import fast
 
-    targets = (
-        torch.tensor(list(target_token_ids), dtype=torch.long)
-        if target_token_ids is not None
-        else None
-    )
-    setup = model.setup_attribution
+    prepare = None
     if adapter:
         transcoders: Any = model.transcoders
         d_tc = int(transcoders.d_transcoder)
 
-        def with_adapter(inputs: Any) -> Any:
-            ctx = setup(inputs)
+        def prepare(ctx: Any) -> torch.Tensor:
             inject_adapter_nodes(ctx, adapter, d_tc)
-            return ctx
+            features = ctx.activation_matrix.indices()[2]
+            return torch.nonzero(features >= d_tc).flatten()
 
-        model.setup_attribution = with_adapter  # type: ignore[method-assign]  # this object only, undone below
-    try:
-        return _attribute(
-            torch.tensor(list(input_ids), dtype=torch.long),
-            model,
-            attribution_targets=targets,
-            max_n_logits=max_n_logits,
-            desired_logit_prob=desired_logit_prob,
-            batch_size=batch_size,
-            max_feature_nodes=max_feature_nodes,
-            verbose=False,
-        )
-    finally:
-        if adapter:
-            del model.setup_attribution
+    return fast.attribute(
+        model,
+        list(input_ids),
+        max_feature_nodes=max_feature_nodes,
+        batch_size=batch_size,
+        max_n_logits=max_n_logits,
+        desired_logit_prob=desired_logit_prob,
+        target_token_ids=target_token_ids,
+        rows_per_pass=rows_per_pass,
+        prepare=prepare,
+    )
 
 
 def hook_modules(model: ReplacementModel, layer: int) -> list[tuple[str, torch.nn.Module, str]]:
