@@ -67,7 +67,13 @@ class LLMCallSpec(_Strict):
     model: str = "o3"
     concurrency: int = Field(default=4, gt=0)
     max_retries: int = Field(default=5, ge=0)
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0, description="one attempt's timeout")
+    deadline_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="total time of one call, retries included: a hung server costs this "
+        "once, then the judge queue pauses until the server answers (common/breaker.py)",
+    )
 
 
 class JudgeSpec(LLMCallSpec):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -224,10 +224,24 @@ class Status(StrEnum):
 
 
 class Failure(Record):
-    """Why a prompt failed a step: stored next to the prompt, shown by `emc status`."""
+    """Why a prompt failed a step: stored next to the prompt, shown by `emc status`.
+
+    ``pipeline_step`` is the pipeline step it failed in (``logits``, ``judge``,
+    ``graph-<variant>``, ``analysis``; it names the key) and ``task``/``task_kwargs`` run that
+    step again (``emc retry``); ``step`` says where inside it (e.g. ``health``). The record
+    is removed when the step succeeds. Records written before these fields existed lack them.
+    """
 
     prompt_id: str
     step: str
     variant: str | None = None
     reason: str
     created_at: datetime = Field(default_factory=utcnow)
+    pipeline_step: str | None = None
+    task: str | None = None
+    task_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def step_name(self) -> str:
+        """The pipeline step (for older records: the step they name)."""
+        return self.pipeline_step or self.step

@@ -48,6 +48,13 @@ def make_judge(
     raise JudgeError(f"unknown judge.kind {spec.kind!r}: use lexicon or openai")
 
 
+def probe_judge(exp: Experiment, settings: Settings | None = None) -> None:
+    """Return if the experiment's judge service answers (one short request, no retries);
+    raise ``LLMUnavailable`` if not. The lexicon judge needs no service."""
+    if exp.judge.kind == "openai":
+        LLMClient.for_spec(exp.judge, settings).probe()
+
+
 def make_harm_judge(
     exp: Experiment,
     settings: Settings | None = None,
