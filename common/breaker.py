@@ -117,6 +117,12 @@ class Breaker:
         return bool(self.redis.set(self.probe_lock, "1", nx=True, ex=max(1, round(every_s))))
 
 
+def outages(client: redis.Redis, queues: Iterable[str]) -> list[Outage]:
+    """The open breakers among ``queues`` (what ``emc status`` shows)."""
+    found = (Breaker(client, q).outage() for q in queues)
+    return [o for o in found if o is not None]
+
+
 def probe_once(breaker: Breaker, every_s: float) -> bool:
     """Probe the queue's service if it is this process's turn; close the breaker when the
     service answers. Returns True if the breaker was closed."""

@@ -142,6 +142,8 @@ def status(failures: int = typer.Option(10, help="recent failures to show")) -> 
         table.add_row(name, str(count))
     table.add_row("[bold]review queue[/]", str(len(ctx.queue)))
     console.print(table)
+    for line in outage_lines(ctx):
+        console.print(f"[yellow]{line}[/]", markup=True, highlight=False)
     recent = recent_failures(ctx, failures)
     if recent:
         ft = Table(title="recent failures")
@@ -156,6 +158,21 @@ def status(failures: int = typer.Option(10, help="recent failures to show")) -> 
                 f.reason,
             )
         console.print(ft)
+
+
+def outage_lines(ctx: Context) -> list[str]:
+    """One line per paused queue: since when its service is down and who waits for it."""
+    from common.breaker import outages
+    from common.tasknames import QUEUES
+
+    counts = ctx.queue.counts()
+    lines = []
+    for o in outages(ctx.redis, QUEUES):
+        # the judge queue takes prompts with logits; other queues: no per-status count
+        waiting = f": {counts.get(Status.logits.value, 0)} prompt(s) wait for it" if o.queue == "judge" else ""
+        probes = f", {o.probes} probe(s) failed" if o.probes else ""
+        lines.append(f"queue {o.queue} paused, {o.waiting}{probes}{waiting}")
+    return lines
 
 
 def reindex() -> None:
