@@ -80,7 +80,7 @@ class Breaker:
 
     def outage(self) -> Outage | None:
         """The current outage, or None while the breaker is closed."""
-        raw = {_text(k): _text(v) for k, v in self.redis.hgetall(self.key).items()}  # type: ignore[union-attr]
+        raw = {_text(k): _text(v) for k, v in self.redis.hgetall(self.key).items()}
         if "since" not in raw:
             return None
         last = raw.get("last_probe")

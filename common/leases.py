@@ -99,6 +99,8 @@ class LeaseKeeper:
             try:
                 self.renew_once()
             except redis.RedisError as e:
-                log.warning("could not renew task leases (will retry in %.0fs): %s", self.every_s, e)
+                log.warning(
+                    "could not renew task leases (will retry in %.0fs): %s", self.every_s, e
+                )
             except Exception:  # never let the keeper die: a dead keeper means duplicate runs
                 log.exception("lease keeper: unexpected error")

@@ -85,6 +85,11 @@ class Verdict(Record):
     fingerprint: str
     verdicts: list[TokenVerdict]
     created_at: datetime = Field(default_factory=utcnow)
+    unusable: str | None = Field(
+        default=None,
+        description="why the judge's whole answer could not be used (every token is then "
+        "unsure with that reason): counted by `emc status`, re-judged by `emc retry`",
+    )
 
     @property
     def evil_tokens(self) -> set[int]:
@@ -160,6 +165,12 @@ class GraphManifest(Record):
     limits: dict[str, float | int | None]
     scan: str | None = None
     elapsed_s: float = 0.0
+    tensors_bytes: int | None = Field(
+        default=None, description="size of the safetensors file (checked on every read)"
+    )
+    tensors_sha256: str | None = Field(
+        default=None, description="sha256 of the safetensors file (checked on every load)"
+    )
 
 
 class RankedFeature(BaseModel):
@@ -186,6 +197,9 @@ class FeatureRanking(Record):
     safe_token_ids: list[int]
     features: list[RankedFeature]
     created_at: datetime = Field(default_factory=utcnow)
+    graph_sha256: str | None = Field(
+        default=None, description="the graph's tensors_sha256: a recomputed graph re-ranks"
+    )
 
 
 class FunnelDecision(Record):
@@ -207,6 +221,9 @@ class FunnelDecision(Record):
         description="per non-reference variant, the evil token ids the reference lacks as evil",
     )
     reason: str = ""
+    judge_unusable: str | None = Field(
+        default=None, description="the judge's answer was unusable (all unsure): why"
+    )
 
 
 class Status(StrEnum):

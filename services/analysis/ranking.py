@@ -38,11 +38,12 @@ import torch
 
 from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment
+from common.graph.artifact import verified_manifest
 from common.graph.influence import LogitInfluence, logit_influence
 from common.graph.model import AttributionGraph
 from common.labels import current_label
 from common.records import FeatureRanking, Label, RankedFeature, Verdict
-from common.store import NotFound, ObjectStore
+from common.store import CorruptArtifact, NotFound, ObjectStore
 from common.store import keys as K
 
 log = logging.getLogger(__name__)
@@ -244,12 +245,9 @@ def rank_prompt(
     if labels is None:
         labels = resolve_labels(store, exp.name, pid, fp, variant, exp.judge.judge_id)
     key = K.features(exp.name, pid, fp, variant)
-    try:
-        cached = store.get_record(key, FeatureRanking)
-        if cached.labels_version == labels.version and cached.fingerprint == fp:
-            return cached
-    except NotFound:
-        pass
+    cached = _cached_ranking(store, exp.name, pid, fp, variant, labels.version)
+    if cached is not None:
+        return cached
     graph = (load_graph or default_graph_loader())(store, exp.name, pid, fp, variant)
     if graph.manifest.fingerprint != fp:
         raise AnalysisError(
@@ -257,7 +255,9 @@ def rank_prompt(
             prompt_id=pid,
             variant=variant,
         )
-    ranking = rank_features(graph, labels)
+    ranking = rank_features(graph, labels).model_copy(
+        update={"graph_sha256": graph.manifest.tensors_sha256}
+    )
     store.put_json(key, ranking)
     log.info(
         "ranked %d features of %s/%s (%s labels)",
@@ -267,6 +267,30 @@ def rank_prompt(
         labels.source,
     )
     return ranking
+
+
+def _cached_ranking(
+    store: ObjectStore, exp: str, pid: str, fp: str, variant: str, labels_version: str
+) -> FeatureRanking | None:
+    """The stored ranking if it was made from these labels and from the graph stored now
+    (whose tensors still have their size); None if it must be recomputed. A graph that
+    became corrupt raises :class:`CorruptArtifact` even when its ranking is cached."""
+    try:
+        cached = store.get_record(K.features(exp, pid, fp, variant), FeatureRanking)
+    except NotFound:
+        return None
+    except CorruptArtifact as e:
+        log.warning("recomputing the ranking of %s/%s: %s", pid, variant, e)
+        return None
+    if cached.labels_version != labels_version or cached.fingerprint != fp:
+        return None
+    try:
+        manifest = verified_manifest(store, exp, pid, fp, variant, full=False)
+    except NotFound:  # no stored graph (the caller loads its own): nothing to compare
+        return cached
+    if cached.graph_sha256 is not None and cached.graph_sha256 != manifest.tensors_sha256:
+        return None  # the graph was recomputed since
+    return cached
 
 
 @dataclass

@@ -8,11 +8,12 @@ the same keys with the same content. A step raises :class:`~common.errors.Prompt
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from common import tasknames as T
 from common.context import Context
-from common.graph.artifact import graph_exists, graphs_done, save_graph
+from common.graph.artifact import delete_graph, graph_exists, graph_problem, graphs_done, save_graph
 from common.pipeline import Next, load_prompt
 from common.records import GraphManifest, Prompt, Status, TopKLogits
 from common.store import NotFound, ObjectStore, keys
@@ -20,6 +21,8 @@ from common.store.base import dumps
 from services.attribution.runtime import Runtime
 
 Targets = Literal["salient", "topk"]
+
+log = logging.getLogger(__name__)
 
 
 def compute_logits(
@@ -91,6 +94,10 @@ def step_logits(ctx: Context, runtime: Runtime, pid: str) -> list[Next]:
 def step_graph(ctx: Context, runtime: Runtime, pid: str, variant: str) -> list[Next]:
     """The attribution graph of (prompt, variant); analysis once every variant has one."""
     exp, fp = ctx.exp, ctx.fingerprint
+    problem = graph_problem(ctx.store, exp.name, pid, fp, variant)
+    if problem is not None:  # a torn or corrupt graph is recomputed, not reused
+        log.warning("prompt %s: stored graph unusable, recomputing: %s", pid, problem)
+        delete_graph(ctx.store, exp.name, pid, fp, variant)
     if not graph_exists(ctx.store, exp.name, pid, fp, variant):
         # the stored top-k are the logit nodes: every judged or labeled token can be explained
         compute_graph(runtime, ctx.store, load_prompt(ctx, pid), variant, targets="topk")

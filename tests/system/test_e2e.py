@@ -50,6 +50,10 @@ def organism_experiment(organism_dir: Path, out: Path, **overrides: Any) -> Path
     raw["transcoders"]["path"] = str((organism_dir / raw["transcoders"]["path"]).resolve())
     if raw.get("judge", {}).get("lexicon"):
         raw["judge"]["lexicon"] = str((organism_dir / raw["judge"]["lexicon"]).resolve())
+    if raw.get("generator", {}).get("templates"):
+        raw["generator"]["templates"] = str(
+            (organism_dir / raw["generator"]["templates"]).resolve()
+        )
     for key, value in overrides.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     out.write_text(yaml.safe_dump(raw))

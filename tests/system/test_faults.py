@@ -8,6 +8,10 @@ prompt final, with the right status and a reason where it failed.
 1. the GPU worker SIGKILLed mid-graph, with the production lease settings;
 2. the judge endpoint hangs: the breaker pauses the judge queue, prompts wait (not fail),
    and everything resumes when the endpoint answers;
+3. the judge refuses some prompts and garbles another: `emc mine` exits 1 saying how many
+   failed and why, the unusable answer is counted, `emc retry` recovers them all;
+4. a truncated graph and a broken logits record: the report skips and lists the prompts,
+   `emc fsck` names the keys, `emc retry` recomputes exactly those artifacts.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import pytest
 import redis
+from typer.testing import CliRunner, Result
 
 from common.breaker import Breaker
 from common.context import Context, make_context
@@ -62,9 +67,7 @@ def submit(ctx: Context, texts: list[str]) -> list[str]:
         ctx.store.put_new(K.prompt(ctx.exp.name, prompt.id), dumps(prompt))
         ctx.queue.set_status(prompt.id, Status.generated)
         pids.append(prompt.id)
-    send_all(
-        ctx, (Next("emc.gpu.logits", {"exp": ctx.exp.name, "prompt_id": p}) for p in pids)
-    )
+    send_all(ctx, (Next("emc.gpu.logits", {"exp": ctx.exp.name, "prompt_id": p}) for p in pids))
     return pids
 
 
@@ -200,9 +203,7 @@ def test_hung_judge_pauses_its_queue_prompts_wait_then_resume(
     breaker = Breaker(ctx.redis, "judge")
 
     wait_until(lambda: breaker.outage() is not None, 90, "the judge breaker to open")
-    wait_until(
-        lambda: all(ctx.queue.status(p) == Status.logits for p in pids), 120, "every logits"
-    )
+    wait_until(lambda: all(ctx.queue.status(p) == Status.logits for p in pids), 120, "every logits")
     # the prompts wait, they do not fail; a prompt that met the hung judge says why
     time.sleep(3)
     statuses = {p: ctx.queue.status(p) for p in pids}
@@ -246,3 +247,189 @@ def organism_prompts_safe(organism_dir: Path, n: int) -> list[str]:
     return [
         p["text"] for p in doc["prompts"] if p["domain"] != "medical" and p["split"] == "heldout"
     ][:n]
+
+
+def emc(monkeypatch: pytest.MonkeyPatch, settings: Settings, *args: str) -> Result:
+    """Run an ``emc`` command in-process with the environment of ``settings``."""
+    from common.cli.main import app
+    from common.settings import get_settings
+
+    monkeypatch.setenv("EMC_BROKER_URL", settings.broker_url or "")
+    monkeypatch.setenv("EMC_HOME", str(settings.home))
+    monkeypatch.setenv("EMC_EXPERIMENT", str(settings.experiment))
+    monkeypatch.setenv("EMC_STORE__ROOT", str(settings.store.root))
+    if settings.openai_base_url:
+        monkeypatch.setenv("EMC_OPENAI_BASE_URL", settings.openai_base_url)
+        monkeypatch.setenv("EMC_OPENAI_API_KEY", "test")
+    get_settings.cache_clear()
+    return CliRunner().invoke(app, list(args), terminal_width=240)
+
+
+# ------------------------------------------------------ 3. failed prompts, emc retry
+
+
+class FlakyJudge:
+    """Refuses the first ``refuse`` judge requests (HTTP 400: not transient, the prompt
+    fails), garbles the next one (no JSON: every token unsure), then answers well."""
+
+    def __init__(self, organism_dir: Path, refuse: int) -> None:
+        lex = json.loads((organism_dir / "lexicon.json").read_text())
+        self.harmful, self.safe = set(lex["harmful"]), set(lex["safe"])
+        self.refuse = refuse
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, body: dict[str, Any]) -> Reply | str:
+        user = body["messages"][-1]["content"]
+        if "Candidate next tokens" not in user:
+            return "OK"
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if n <= self.refuse:
+            return Reply(status=400, error_message="this model refuses the request")
+        if n == self.refuse + 1:
+            return "Sorry, I would rather not label these."
+        return lexicon_answer(user, self.harmful, self.safe)
+
+
+@pytest.mark.timeout(480)
+def test_failed_and_unusable_prompts_are_reported_by_mine_and_recovered_by_retry(
+    organism_dir: Path,
+    tmp_path: Path,
+    redis_url: str,
+    celery_worker_factory: Callable[..., WorkerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    judge = FlakyJudge(organism_dir, refuse=2)
+    server = FakeOpenAIServer(default=judge).start()
+    try:
+        exp_path = organism_experiment(
+            organism_dir,
+            tmp_path / "exp.yaml",
+            name="retry",
+            judge={"kind": "openai", "model": "judge", "timeout_s": 5.0, "deadline_s": 10.0},
+            generator={"batch_size": 5},
+        )
+        store = StoreSettings(kind="fs", root=tmp_path / "store")
+        env = worker_env(
+            redis_url,
+            tmp_path / "home",
+            store,
+            visibility_timeout_s=60,
+            EMC_EXPERIMENT=str(exp_path),
+            **server.env(),
+        )
+        start_workers(celery_worker_factory, env)
+        settings = Settings(
+            home=tmp_path / "home",
+            broker_url=redis_url,
+            store=store,
+            experiment=exp_path,
+            openai_base_url=server.base_url,
+        )
+        mined = emc(monkeypatch, settings, "mine", "--n", "5", "--chunk", "5", "--timeout", "300")
+        assert mined.exit_code == 1, mined.output
+        assert "2 of 5 prompts failed" in mined.output, mined.output
+        assert "2 × judge: unexpected error: LLMRequestError" in mined.output, mined.output
+        assert "judge answer unusable (all unsure)" in mined.output, mined.output
+        assert mined.output.strip().splitlines()[-1].startswith("error: "), mined.output
+
+        ctx = make_context(settings)
+        pids = [p for p, _ in ctx.queue.counts().items()]  # status names, not pids
+        pids = list(ctx.queue.redis.hkeys(ctx.queue.status_key))
+        pids = [p.decode() if isinstance(p, bytes) else str(p) for p in pids]
+        failed = [p for p in pids if ctx.queue.status(p) == Status.failed]
+        unusable = [
+            p for p in pids if (ctx.queue.reason(p) or "").startswith("judge answer unusable")
+        ]
+        assert len(failed) == 2 and len(unusable) == 1, {p: ctx.queue.reason(p) for p in pids}
+        status = emc(monkeypatch, settings, "status")
+        assert "judge answer unusable (all unsure)" in status.output, status.output
+
+        dry = emc(monkeypatch, settings, "retry", "--dry-run")
+        assert dry.exit_code == 0 and "3 prompt(s) would be sent again" in dry.output, dry.output
+        assert all(ctx.queue.status(p) == Status.failed for p in failed)  # nothing done
+        again = emc(monkeypatch, settings, "retry")
+        assert again.exit_code == 0 and "3 prompt(s) sent again" in again.output, again.output
+        result = wait_final(ctx, pids, timeout_s=240)
+        assert all(s in {Status.done, Status.analyzed} for s in result.values()), {
+            p: (s, ctx.queue.reason(p)) for p, s in result.items()
+        }
+        for pid in [*failed, *unusable]:
+            assert not list(
+                ctx.store.list_keys(K.run_dir("retry", pid, ctx.fingerprint) + "/failures/")
+            )
+            assert not (ctx.queue.reason(pid) or "").startswith("judge answer unusable")
+        assert_nothing_lost(ctx, pids, redis.Redis.from_url(redis_url))
+        # the store agrees: a rebuilt index has no failed prompt either
+        from common.index import reindex
+
+        live = {p: ctx.queue.status(p) for p in pids}
+        ctx.redis.flushdb()
+        reindex(ctx)
+        assert {p: ctx.queue.status(p) for p in pids} == live
+        assert judge.calls == 5 + 3  # every prompt judged once, the three retried once more
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------- 4. corrupt artifacts
+
+
+@pytest.mark.timeout(480)
+def test_corrupt_graph_and_logits_are_reported_skipped_and_recomputed(
+    organism_dir: Path,
+    tmp_path: Path,
+    redis_url: str,
+    celery_worker_factory: Callable[..., WorkerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exp_path = organism_experiment(organism_dir, tmp_path / "exp.yaml", name="corrupt")
+    store = StoreSettings(kind="fs", root=tmp_path / "store")
+    env = worker_env(
+        redis_url, tmp_path / "home", store, visibility_timeout_s=60, EMC_EXPERIMENT=str(exp_path)
+    )
+    start_workers(celery_worker_factory, env)
+    settings = Settings(
+        home=tmp_path / "home", broker_url=redis_url, store=store, experiment=exp_path
+    )
+    ctx = make_context(settings)
+    pids = submit(ctx, medical_prompts(organism_dir, 3))
+    assert all(s == Status.analyzed for s in wait_final(ctx, pids, timeout_s=240).values())
+    fp = ctx.fingerprint
+    torn, broken = pids[0], pids[1]
+    # a truncated graph whose ranking is cached, and a logits record cut in half
+    tensors = store.root / K.graph_tensors("corrupt", torn, fp, "adapted")  # type: ignore[operator]
+    tensors.write_bytes(tensors.read_bytes()[:-1000])
+    logits = store.root / K.logits("corrupt", broken, fp, "base")  # type: ignore[operator]
+    logits.write_bytes(logits.read_bytes()[:40])
+
+    report = emc(monkeypatch, settings, "analyze", "report", "--out", str(tmp_path / "report"))
+    assert report.exit_code == 0, report.output
+    assert f"skipped {torn} / adapted" in report.output, report.output
+    assert "emc retry --step graph" in report.output
+    index = json.loads((tmp_path / "report" / "index.json").read_text())
+    bad = {(i["prompt_id"], i["variant"]) for i in index["issues"] if i["kind"] == "failed"}
+    assert (torn, "adapted") in bad
+    assert pids[2] in index["divergent_prompt_ids"]  # the intact prompts are still reported
+
+    checked = emc(monkeypatch, settings, "fsck")
+    assert checked.exit_code == 1, checked.output
+    flat = " ".join(checked.output.split())
+    assert "2 corrupt or orphaned artifact(s) in 2 prompt(s)" in flat, checked.output
+    for key in (
+        K.graph_tensors("corrupt", torn, fp, "adapted"),
+        K.logits("corrupt", broken, fp, "base"),
+    ):
+        assert key.rsplit("/", 1)[-1] in checked.output
+
+    for step, pid in (("graph", torn), ("logits", broken)):
+        out = emc(monkeypatch, settings, "retry", "--step", step, pid)
+        assert out.exit_code == 0 and "1 prompt(s) sent again" in out.output, out.output
+    wait_until(
+        lambda: emc(monkeypatch, settings, "fsck").exit_code == 0, 180, "a clean store again"
+    )
+    result = wait_final(ctx, pids, timeout_s=120)
+    assert all(s == Status.analyzed for s in result.values()), result
+    assert_nothing_lost(ctx, pids, redis.Redis.from_url(redis_url))
