@@ -49,6 +49,13 @@ class TranscoderSpec(_Strict):
     feature_output_hook: str = "mlp.hook_out"
 
 
+#: fitted on the toy organism (CPU, float32, batch 256; bench/graph_memory.py measures it):
+#: elements kept per attention score of the batched backward passes, and per (batch row,
+#: layer, residual dimension, token) for activations, gradients and edges
+_ATTN_ELEMENTS_PER_SCORE = 1.0
+_LINEAR_ELEMENTS_PER_RESIDUAL = 26.0
+
+
 class AttributionLimits(_Strict):
     """Every limit of circuit-tracer's ``attribute`` is set explicitly (defaults grow as N^2)."""
 
@@ -59,6 +66,28 @@ class AttributionLimits(_Strict):
     max_activation_norm: float = Field(
         default=1e4, gt=0, description="a layer whose residual norm exceeds this fails the prompt"
     )
+    max_prompt_tokens: int = Field(
+        default=256,
+        gt=1,
+        description="longer prompts are refused before any model work: a graph's memory grows "
+        "with the square of the prompt's length (see graph_memory_bytes). Not in the "
+        "fingerprint: it decides which prompts run, not what they compute",
+    )
+
+    def computed(self) -> dict[str, float | int | None]:
+        """The limits that change a graph's numbers (fingerprint, graph manifests)."""
+        return self.model_dump(exclude={"max_prompt_tokens"})
+
+    def graph_memory_bytes(
+        self, n_tokens: int, *, n_layers: int, n_heads: int, d_model: int, dtype_bytes: int
+    ) -> float:
+        """Estimated peak memory of one graph beyond the loaded model, for a prompt of
+        ``n_tokens``: the attention scores of ``batch_size`` backward passes (quadratic in
+        the length) plus activations and edges (linear). Fitted on the toy organism within
+        ~10% from 130 to 500 tokens; a rough guide for other models."""
+        attention = self.batch_size * n_heads * n_layers * n_tokens**2 * _ATTN_ELEMENTS_PER_SCORE
+        linear = self.batch_size * n_layers * d_model * n_tokens * _LINEAR_ELEMENTS_PER_RESIDUAL
+        return (attention + linear) * dtype_bytes
 
 
 class LLMCallSpec(_Strict):
@@ -286,7 +315,7 @@ def fingerprint(exp: Experiment) -> str:
         "transcoders": {**exp.transcoders.model_dump(), "path": path_digest(exp.transcoders.path)},
         "dtype": exp.dtype,
         "top_k": exp.top_k,
-        "attribution": exp.attribution.model_dump(),
+        "attribution": exp.attribution.computed(),
     }
     blob = json.dumps(doc, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

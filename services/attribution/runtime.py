@@ -135,6 +135,18 @@ class Runtime:
             raise PromptFailure("tokenize", "the prompt is empty", variant=variant)
         return ct.ensure_bos(model, ids)
 
+    def graph_memory_bytes(self, n_tokens: int, variant: str) -> float:
+        """Estimated peak memory of a graph of ``n_tokens`` beyond the model (the
+        experiment's limits with this model's dimensions)."""
+        cfg = self.variant(variant).model.cfg
+        return self.exp.attribution.graph_memory_bytes(
+            n_tokens,
+            n_layers=int(cfg.n_layers),
+            n_heads=int(cfg.n_heads),
+            d_model=int(cfg.d_model),
+            dtype_bytes=torch.finfo(self.dtype).bits // 8,
+        )
+
     def decode_token(self, variant: str, token_id: int) -> str:
         return str(self.variant(variant).tokenizer.decode([int(token_id)]))
 
@@ -250,7 +262,7 @@ class Runtime:
     ) -> AttributionGraph:
         """The :class:`AttributionGraph` of a :meth:`raw_graph` result."""
         limits: dict[str, float | int | None] = {
-            **self.exp.attribution.model_dump(),
+            **self.exp.attribution.computed(),
             "targets": len(target_token_ids) if target_token_ids is not None else None,
         }
         return ct.to_attribution_graph(

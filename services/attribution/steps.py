@@ -13,8 +13,10 @@ from typing import Literal
 
 from common import tasknames as T
 from common.context import Context
+from common.errors import PromptFailure
 from common.graph.artifact import delete_graph, graph_exists, graph_problem, graphs_done, save_graph
 from common.pipeline import Next, load_prompt
+from common.prompt_check import InvalidPrompt, check_prompt
 from common.records import GraphManifest, Prompt, Status, TopKLogits
 from common.store import NotFound, ObjectStore, keys
 from common.store.base import dumps
@@ -65,6 +67,20 @@ def compute_graph(
     return save_graph(store, exp, graph)
 
 
+def validate_prompt(runtime: Runtime, text: str, max_tokens: int) -> None:
+    """Refuse a prompt that cannot run (:func:`common.prompt_check.check_prompt`) before it
+    is stored or any model work: tokens counted as the graphs count them (BOS included).
+    ``max_tokens``: the experiment's ``attribution.max_prompt_tokens`` (outside the
+    fingerprint, so not necessarily the runtime's own experiment's)."""
+    variant = runtime.exp.reference
+    check_prompt(
+        text,
+        max_tokens=max_tokens,
+        count_tokens=lambda t: len(runtime.tokenize(t, variant)),
+        memory_bytes=lambda n: runtime.graph_memory_bytes(n, variant),
+    )
+
+
 def ensure_prompt(store: ObjectStore, exp_name: str, text: str, source: str) -> Prompt:
     """The stored prompt with this exact text (created if absent, never overwritten)."""
     prompt = Prompt.new(text, source=source)
@@ -78,8 +94,13 @@ def ensure_prompt(store: ObjectStore, exp_name: str, text: str, source: str) -> 
 
 
 def step_logits(ctx: Context, runtime: Runtime, pid: str) -> list[Next]:
-    """Top-k logits of every variant (reused when already stored), then the judge."""
+    """Top-k logits of every variant (reused when already stored), then the judge. A prompt
+    that cannot run fails here with the reason, before any model work."""
     prompt = load_prompt(ctx, pid)
+    try:
+        validate_prompt(runtime, prompt.text, ctx.exp.attribution.max_prompt_tokens)
+    except InvalidPrompt as e:
+        raise PromptFailure("validate", str(e)) from None
     missing = [
         v
         for v in ctx.exp.variant_names
