@@ -84,6 +84,23 @@ def report_aggregate(exp: str, fp: str, variant: str) -> str:
     return f"{reports(exp, fp)}/aggregate_{variant}.json"
 
 
+# -- the review UI's own state (not prompt-centric)
+
+
+def ui_session(sid: str) -> str:
+    """A reviewer's login session (deleted at logout: a copied cookie dies with it)."""
+    return f"ui/sessions/{sid}.json"
+
+
+def ui_pending_prefix(exp: str) -> str:
+    """Labels saved while Redis or the broker was down, to reconcile into the queue."""
+    return f"experiments/{exp}/ui/pending/"
+
+
+def ui_pending(exp: str, pid: str) -> str:
+    return f"{ui_pending_prefix(exp)}{pid}.json"
+
+
 # -- steering runs and EM evaluations (not prompt-centric: one run covers many prompts)
 
 

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment
-from common.labels import current_label
+from common.labels import current_label, resolve_labels
 from common.records import FeatureRanking, TopKLogits
 from common.store import NotFound, ObjectStore, StoreError
 from common.store import keys as K
 from services.analysis.aggregate import PromptFeatures, aggregate, compare, feature_changes
 from services.analysis.plots import plot_comparison, plot_layers, plot_top_features
-from services.analysis.ranking import GraphLoader, default_graph_loader, rank_prompt, resolve_labels
+from services.analysis.ranking import GraphLoader, default_graph_loader, rank_prompt
 from services.analysis.records import (
     FeatureAggregate,
     PromptIssue,
