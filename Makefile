@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Chromium for the browser tests (Debian package; root only). Elsewhere it says what to do.
+# Chromium (browser tests) and redis-server (compose smoke test): Debian packages, root only.
+# Elsewhere it says what to do.
 system-deps:
 	@bash scripts/system-deps.sh
 
