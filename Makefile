@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python bench/graph_size.py
 	$(BIN)/python bench/validate_ranking.py
 	$(BIN)/python bench/pipeline_overhead.py
+	$(BIN)/python bench/recovery.py
 
 clean:
 	rm -rf var .cache test-artifacts .mypy_cache .ruff_cache .pytest_cache
