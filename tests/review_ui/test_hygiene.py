@@ -197,3 +197,20 @@ def test_corrupt_logits_are_named_on_the_page(
     assert resp.status_code == 500 and key in html and f"emc retry --step logits {p.pid}" in html
     api = client.get(f"/api/p/{p.pid}")
     assert api.status_code == 500 and key in api.get_json()["error"]
+
+
+def test_login_limits_hold_while_redis_is_down() -> None:
+    import time
+
+    from services.review_ui.login_limits import LoginLimits
+
+    down = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    limits = LoginLimits(down)
+    t0 = time.monotonic()
+    for _ in range(5):
+        assert limits.wait_s("alice", "10.0.0.1") == 0
+        limits.failed("alice", "10.0.0.1")
+    assert limits.wait_s("alice", "10.0.0.1") > 0  # counted in this process
+    assert limits.wait_s("bob", "10.0.0.2") == 0
+    # redis-py retries a refused connection for ~4 s: once here, not at each of the 11 calls
+    assert time.monotonic() - t0 < 10

@@ -400,8 +400,8 @@ def test_corrupt_graph_and_logits_are_reported_skipped_and_recomputed(
     invalid = submit(ctx, ["User: my head hurts a lot.\\nAssistant: You should", " "])
     assert all(s == Status.analyzed for s in wait_final(ctx, pids, timeout_s=240).values())
     assert all(s == Status.failed for s in wait_final(ctx, invalid, timeout_s=60).values())
-    assert "validate: the prompt holds a literal \\n" in (ctx.queue.reason(invalid[0]) or "")
-    assert "validate: the prompt is empty" in (ctx.queue.reason(invalid[1]) or "")
+    assert "logits: the prompt holds a literal \\n" in (ctx.queue.reason(invalid[0]) or "")
+    assert "logits: the prompt is empty" in (ctx.queue.reason(invalid[1]) or "")
     fp = ctx.fingerprint
     torn, broken = pids[0], pids[1]
     # a truncated graph whose ranking is cached, and a logits record cut in half
