@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Chromium for the browser tests (Debian package; root only). Elsewhere it says what to do.
+# Chromium (browser tests) and redis-server (compose smoke test): Debian packages, root only.
+# Elsewhere it says what to do.
 system-deps:
 	@bash scripts/system-deps.sh
 
@@ -47,6 +48,7 @@ bench: install
 	$(BIN)/python bench/graph_size.py
 	$(BIN)/python bench/validate_ranking.py
 	$(BIN)/python bench/pipeline_overhead.py
+	$(BIN)/python bench/recovery.py
 
 clean:
 	rm -rf var .cache test-artifacts .mypy_cache .ruff_cache .pytest_cache

@@ -22,12 +22,15 @@ def new_batch_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def record_batch(ctx: Context, batch: str, pids: list[str]) -> None:
-    """Count one generator answer for ``batch`` and add the prompts it produced."""
+def record_batch(ctx: Context, batch: str, pids: list[str], *, error: str | None = None) -> None:
+    """Count one generator answer for ``batch`` and add the prompts it produced (``error``:
+    why the generator produced none, kept for `emc mine` to show)."""
     key = batch_key(ctx, batch)
     pipe = ctx.redis.pipeline()
     if pids:
         pipe.rpush(key, *pids)
+    if error:
+        pipe.set(key + ":error", error[:500], ex=BATCH_TTL_S)
     pipe.incr(key + ":answers")
     pipe.expire(key, BATCH_TTL_S)
     pipe.expire(key + ":answers", BATCH_TTL_S)
@@ -39,6 +42,12 @@ def batch_pids(ctx: Context, batch: str) -> tuple[list[str], int]:
     pids = ctx.redis.lrange(batch_key(ctx, batch), 0, -1)
     answers = int(ctx.redis.get(batch_key(ctx, batch) + ":answers") or 0)
     return [str(p) for p in pids], answers
+
+
+def batch_error(ctx: Context, batch: str) -> str | None:
+    """The last generator error of a batch, if any."""
+    value = ctx.redis.get(batch_key(ctx, batch) + ":error")
+    return None if value is None else str(value)
 
 
 def statuses(ctx: Context, pids: Iterable[str]) -> dict[str, Status | None]:

@@ -1,10 +1,13 @@
 """The one Celery app of emc: queues, routing, reliability settings, the task base class.
 
 Tasks are named ``emc.<queue>.<name>`` and go to that queue (``generate``, ``judge``,
-``gpu``, ``analysis``). Every task is acknowledged late and requeued if its worker dies
-(``visibility_timeout`` bounds how long a dead worker's task waits), messages are JSON
-only, and results are ignored (tasks write artifacts to the store and enqueue the next
-step; they never wait on each other).
+``gpu``, ``analysis``). Every task is acknowledged late and requeued if its worker dies:
+a live worker renews the lease of every message it holds (:mod:`common.leases`), so a
+dead worker's task is back on its queue about ``visibility_timeout_s`` after the crash
+while a healthy long task is never handed out twice. A worker also pauses a queue while
+its circuit breaker is open (:mod:`common.breaker`: the judge's endpoint is down).
+Messages are JSON only, and results are ignored (tasks write artifacts to the store and
+enqueue the next step; they never wait on each other).
 
 Queues, task names and the task modules every worker imports are defined once, in
 :mod:`common.tasknames`.
@@ -18,9 +21,10 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
-from celery import Celery, Task, signals
+from celery import Celery, Task, bootsteps, signals
 from kombu.entity import Exchange, Queue
 
+from common.retry import TASK_RETRY
 from common.settings import Settings, get_settings
 from common.system.broker import BrokerError, broker_url, check_embedded_owner, is_up
 from common.system.malloc import limit_malloc_arenas
@@ -107,10 +111,10 @@ class EmcTask(Task):  # type: ignore[misc]
     """
 
     autoretry_for = (TransientError,)
-    retry_backoff = 2
-    retry_backoff_max = 600
+    retry_backoff = TASK_RETRY.base_delay_s
+    retry_backoff_max = TASK_RETRY.max_delay_s
     retry_jitter = True
-    max_retries = 5
+    max_retries = TASK_RETRY.max_retries
     acks_late = True
     reject_on_worker_lost = True
 
@@ -133,9 +137,72 @@ class EmcTask(Task):  # type: ignore[misc]
         return str(bound.arguments.get("prompt_id", "-"))
 
 
+class LeaseRenewal(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: renew the leases of the messages this worker holds."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.keeper: Any = None
+
+    def start(self, parent: Any) -> None:
+        if self.keeper is not None:  # restarted after a reconnect: the thread goes on
+            return
+        from common.leases import LeaseKeeper
+
+        settings = get_settings()
+        self.keeper = LeaseKeeper(
+            lambda: getattr(parent.task_consumer, "channel", None),
+            parent.app.conf.broker_url,
+            settings.lease_renew_s,
+        )
+        self.keeper.start()
+
+    def shutdown(self, parent: Any) -> None:
+        if self.keeper is not None:
+            self.keeper.stop()
+
+
+class BreakerPause(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: stop consuming a queue while its circuit breaker is open."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.pauser: Any = None
+
+    def start(self, parent: Any) -> None:
+        if self.pauser is not None:
+            return
+        import redis
+
+        from common.breaker import QueuePauser
+
+        def consumed() -> list[str]:
+            tc = parent.task_consumer
+            return [q.name for q in tc.queues] if tc is not None else []
+
+        self.pauser = QueuePauser(
+            redis.Redis.from_url(parent.app.conf.broker_url, socket_timeout=5),
+            consumed,
+            pause=lambda q: parent.call_soon(parent.cancel_task_queue, q),
+            resume=lambda q: parent.call_soon(parent.add_task_queue, q),
+            probe_every_s=get_settings().breaker_probe_s,
+        )
+        self.pauser.start()
+
+    def shutdown(self, parent: Any) -> None:
+        if self.pauser is not None:
+            self.pauser.stop()
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     app = Celery("emc", task_cls=EmcTask)
     configure(app, settings or get_settings())
+    app.steps["consumer"].add(LeaseRenewal)
+    app.steps["consumer"].add(BreakerPause)
     return app
 
 

@@ -73,6 +73,13 @@ class TranscoderSpec(_Strict):
     )
 
 
+#: fitted on the toy organism (CPU, float32, batch 256; bench/graph_memory.py measures it):
+#: elements kept per attention score of the batched backward passes, and per (batch row,
+#: layer, residual dimension, token) for activations, gradients and edges
+_ATTN_ELEMENTS_PER_SCORE = 1.0
+_LINEAR_ELEMENTS_PER_RESIDUAL = 26.0
+
+
 class AttributionLimits(_Strict):
     """Every limit of circuit-tracer's ``attribute`` is set explicitly (defaults grow as N^2)."""
 
@@ -89,6 +96,28 @@ class AttributionLimits(_Strict):
         "nodes (services/attribution/adapter.py); auto: for adapted variants with per-layer "
         "transcoders",
     )
+    max_prompt_tokens: int = Field(
+        default=256,
+        gt=1,
+        description="longer prompts are refused before any model work: a graph's memory grows "
+        "with the square of the prompt's length (see graph_memory_bytes). Not in the "
+        "fingerprint: it decides which prompts run, not what they compute",
+    )
+
+    def computed(self) -> dict[str, float | int | str | None]:
+        """The limits that change a graph's numbers (fingerprint, graph manifests)."""
+        return self.model_dump(exclude={"max_prompt_tokens"})
+
+    def graph_memory_bytes(
+        self, n_tokens: int, *, n_layers: int, n_heads: int, d_model: int, dtype_bytes: int
+    ) -> float:
+        """Estimated peak memory of one graph beyond the loaded model, for a prompt of
+        ``n_tokens``: the attention scores of ``batch_size`` backward passes (quadratic in
+        the length) plus activations and edges (linear). Fitted on the toy organism within
+        ~10% from 130 to 500 tokens; a rough guide for other models."""
+        attention = self.batch_size * n_heads * n_layers * n_tokens**2 * _ATTN_ELEMENTS_PER_SCORE
+        linear = self.batch_size * n_layers * d_model * n_tokens * _LINEAR_ELEMENTS_PER_RESIDUAL
+        return (attention + linear) * dtype_bytes
 
 
 class LLMCallSpec(_Strict):
@@ -97,7 +126,13 @@ class LLMCallSpec(_Strict):
     model: str = "o3"
     concurrency: int = Field(default=4, gt=0)
     max_retries: int = Field(default=5, ge=0)
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0, description="one attempt's timeout")
+    deadline_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="total time of one call, retries included: a hung server costs this "
+        "once, then the judge queue pauses until the server answers (common/breaker.py)",
+    )
 
 
 class JudgeSpec(LLMCallSpec):
@@ -322,7 +357,7 @@ def fingerprint(exp: Experiment) -> str:
         },
         "dtype": exp.dtype,
         "top_k": exp.top_k,
-        "attribution": exp.attribution.model_dump(),
+        "attribution": exp.attribution.computed(),
         "prompt_format": exp.prompt_format,
     }
     blob = json.dumps(doc, sort_keys=True).encode()

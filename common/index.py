@@ -13,16 +13,19 @@ from common.context import Context
 from common.labels import current_label
 from common.records import Failure, FunnelDecision, Status
 from common.review_queue import PromptState, rebuild
+from common.store import StoreError
 from common.store import keys as K
 
 
-def derive_state(ctx: Context, pid: str) -> PromptState:
-    """Where a prompt stands, from its artifacts in the store alone."""
+def derive_state(ctx: Context, pid: str, *, ignore_failures: bool = False) -> PromptState:
+    """Where a prompt stands, from its artifacts in the store alone (``ignore_failures``:
+    where it would stand without its failure records, e.g. when it is retried)."""
     exp, fp = ctx.exp, ctx.fingerprint
     run = K.run_dir(exp.name, pid, fp)
     present = set(ctx.store.list_keys(run + "/"))
-    if any(k.startswith(run + "/failures/") for k in present):
-        return PromptState(Status.failed)
+    failures = sorted(k for k in present if k.startswith(run + "/failures/"))
+    if failures and not ignore_failures:
+        return PromptState(Status.failed, reason=_failure_reason(ctx, failures[-1]))
     has_logits = all(K.logits(exp.name, pid, fp, v) in present for v in exp.variant_names)
     if not has_logits:
         return PromptState(Status.generated)
@@ -45,7 +48,28 @@ def derive_state(ctx: Context, pid: str) -> PromptState:
         status = Status.in_review
     else:
         status = Status.judged if decision.graph_variants else Status.done
-    return PromptState(status, decision.divergent, decision.evil_score, awaiting_review=waiting)
+    reason = unusable_reason(pid, decision.judge_unusable) if decision.judge_unusable else None
+    return PromptState(
+        status, decision.divergent, decision.evil_score, awaiting_review=waiting, reason=reason
+    )
+
+
+#: how a prompt whose judge answer was unusable is marked in the status index
+UNUSABLE = "judge answer unusable"
+
+
+def unusable_reason(pid: str, why: str) -> str:
+    """The status reason of a prompt whose judge answer became all-``unsure``."""
+    return f"{UNUSABLE} (every token unsure: {why}): re-judge with `emc retry --step judge {pid}`"
+
+
+def _failure_reason(ctx: Context, key: str) -> str:
+    """``step: reason`` of a stored failure, as the pipeline writes it into the index."""
+    try:
+        f = ctx.store.get_record(key, Failure)
+    except StoreError as e:
+        return f"failure record unreadable: {e}"
+    return f"{f.step_name}: {f.reason}"
 
 
 def prompt_ids(ctx: Context) -> Iterator[str]:
@@ -68,8 +92,20 @@ def recent_failures(ctx: Context, limit: int = 10) -> list[Failure]:
     """The latest failure records of this experiment's current fingerprint."""
     out = []
     for pid in prompt_ids(ctx):
-        prefix = K.run_dir(ctx.exp.name, pid, ctx.fingerprint) + "/failures/"
-        for key in ctx.store.list_keys(prefix):
-            out.append(ctx.store.get_record(key, Failure))
+        out += failures_of(ctx, pid)
     out.sort(key=lambda f: f.created_at, reverse=True)
     return out[:limit]
+
+
+def failures_of(ctx: Context, pid: str) -> list[Failure]:
+    """The failure records of a prompt under the current fingerprint (an unreadable one is
+    shown as a failure of its own)."""
+    out = []
+    prefix = K.run_dir(ctx.exp.name, pid, ctx.fingerprint) + "/failures/"
+    for key in ctx.store.list_keys(prefix):
+        try:
+            out.append(ctx.store.get_record(key, Failure))
+        except StoreError as e:
+            step = key.rsplit("/", 1)[-1].removesuffix(".json")
+            out.append(Failure(prompt_id=pid, step=step, reason=f"failure record unreadable: {e}"))
+    return out

@@ -7,15 +7,21 @@ labeled* when every top-k token of every variant has a human label.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
-from common.records import HumanLabel, Prompt, TopKLogits
+from common.errors import AnalysisError
+from common.records import HumanLabel, Label, Prompt, TopKLogits, Verdict
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
 
 log = logging.getLogger(__name__)
+
+LabelSource = Literal["human", "judge", "mixed"]
 
 
 def label_history(store: ObjectStore, exp: str, pid: str) -> list[tuple[str, HumanLabel]]:
@@ -134,3 +140,64 @@ def labeled_prompts(
             log.warning("prompt %s of %s has labels but no prompt record: skipped", pid, exp)
             continue
         yield prompt, label
+
+
+# ------------------------------------------------- labels a ranking uses (analysis, review UI)
+
+
+@dataclass(frozen=True)
+class TokenLabels:
+    """Effective evil/safe labels of one variant's tokens (``unsure`` already dropped)."""
+
+    labels: Mapping[int, Label]  # token id -> "evil" | "safe"
+    source: LabelSource
+    origin: Mapping[int, str]  # token id -> "human" | "judge:<id>" (what each label came from)
+
+    @property
+    def version(self) -> str:
+        """Content hash of the labels used: changes when any used label or its origin does."""
+        body = "|".join(
+            f"{tid}:{self.labels[tid]}:{self.origin.get(tid, '')}" for tid in sorted(self.labels)
+        )
+        return hashlib.sha256(f"{self.source}|{body}".encode()).hexdigest()[:12]
+
+    @classmethod
+    def given(cls, labels: Mapping[int, Label], source: LabelSource = "human") -> TokenLabels:
+        """Labels passed in directly (tests, the organism's lexicon, notebooks)."""
+        kept = {t: lab for t, lab in labels.items() if lab != "unsure"}
+        return cls(labels=kept, source=source, origin={t: source for t in kept})
+
+
+def resolve_labels(
+    store: ObjectStore, exp: str, pid: str, fingerprint: str, variant: str, judge_id: str
+) -> TokenLabels:
+    """Human labels where present, judge verdicts otherwise; ``unsure`` excluded."""
+    human = current_label(store, exp, pid)
+    try:
+        verdict: Verdict | None = store.get_record(
+            K.verdicts(exp, pid, fingerprint, judge_id, variant), Verdict
+        )
+    except NotFound:
+        verdict = None
+    chosen: dict[int, Label] = {}
+    origin: dict[int, str] = {}
+    if verdict is not None:
+        for v in verdict.verdicts:
+            chosen[v.token_id], origin[v.token_id] = v.label, f"judge:{judge_id}"
+    if human is not None:
+        for t in human.labels:
+            if t.variant == variant:
+                chosen[t.token_id], origin[t.token_id] = t.label, "human"
+    if not chosen:
+        raise AnalysisError(
+            f"no labels for variant {variant!r}: neither a human label nor a verdict of judge "
+            f"{judge_id!r}; run the judge (or label the prompt in the review UI) first",
+            prompt_id=pid,
+            variant=variant,
+        )
+    used = {t: lab for t, lab in chosen.items() if lab != "unsure"}
+    kinds = {"human" if origin[t] == "human" else "judge" for t in used}
+    source: LabelSource = (
+        "mixed" if len(kinds) > 1 else ("human" if kinds == {"human"} else "judge")
+    )
+    return TokenLabels(labels=used, source=source, origin={t: origin[t] for t in used})

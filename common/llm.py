@@ -4,7 +4,9 @@
 the evaluations need:
 
 - retries with exponential backoff and full jitter on transient faults ONLY: HTTP 429,
-  5xx, timeouts and connection errors (a ``Retry-After`` header is honoured, capped);
+  5xx, timeouts and connection errors (a ``Retry-After`` header is honoured, capped),
+  within a total deadline per call (:class:`common.retry.RetryPolicy`): a hung server
+  costs one deadline, not attempts x timeout;
   400/401/403/404/422 fail at once with a message that says what to fix;
 - a per-call timeout;
 - optional structured outputs (``response_format`` JSON schema) with a fallback to plain
@@ -31,6 +33,7 @@ from typing import Any, Generic, TypeVar, cast
 import openai
 
 from common.experiment import LLMCallSpec
+from common.retry import RetryPolicy as RetryPolicy  # re-exported: callers build clients with it
 from common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -120,22 +123,6 @@ class ChatResult:
             )
         first = self.logprobs[0]
         return dict(first.top) if first.top else {first.token: first.logprob}
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter: attempt i waits U(0, min(max, base * 2**i))."""
-
-    max_retries: int = 5
-    base_delay_s: float = 0.5
-    max_delay_s: float = 30.0
-
-    def delay(self, retry: int, rng: random.Random, retry_after: float | None = None) -> float:
-        cap = min(self.max_delay_s, self.base_delay_s * (2**retry))
-        wait = rng.uniform(0, cap)
-        if retry_after is not None:
-            wait = max(wait, min(retry_after, self.max_delay_s))
-        return wait
 
 
 # 408 is a timeout, 429 a rate limit; every other 4xx is the request's fault.
@@ -230,6 +217,7 @@ class LLMClient:
         timeout_s: float = 60.0,
         max_retries: int = 5,
         max_concurrency: int = 8,
+        deadline_s: float | None = None,
     ) -> LLMClient:
         """A client for ``EMC_OPENAI_BASE_URL`` / ``EMC_OPENAI_API_KEY``."""
         settings = settings or get_settings()
@@ -239,20 +227,21 @@ class LLMClient:
             base_url=settings.openai_base_url,
             api_key=key,
             timeout_s=timeout_s,
-            retry=RetryPolicy(max_retries=max_retries),
+            retry=RetryPolicy(max_retries=max_retries, deadline_s=deadline_s),
             max_concurrency=max_concurrency,
         )
 
     @classmethod
     def for_spec(cls, spec: LLMCallSpec, settings: Settings | None = None) -> LLMClient:
         """The client an experiment's judge or generator section describes (model, timeout,
-        retries, concurrency) on ``EMC_OPENAI_BASE_URL`` / ``EMC_OPENAI_API_KEY``."""
+        retries, deadline, concurrency) on ``EMC_OPENAI_BASE_URL`` / ``EMC_OPENAI_API_KEY``."""
         return cls.from_settings(
             spec.model,
             settings,
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,
             max_concurrency=spec.concurrency,
+            deadline_s=spec.deadline_s,
         )
 
     def describe(self) -> str:
@@ -355,6 +344,7 @@ class LLMClient:
         self, messages: list[dict[str, str]], kwargs: dict[str, Any], timeout: float
     ) -> ChatResult:
         start = time.monotonic()
+        deadline = self.retry.start(start)
         attempt = 0
         while True:
             attempt += 1
@@ -363,19 +353,20 @@ class LLMClient:
                     resp = self._openai.chat.completions.create(
                         model=self.model,
                         messages=messages,  # type: ignore[arg-type]
-                        timeout=timeout,
+                        timeout=deadline.cap(timeout),
                         **kwargs,
                     )
             except openai.APIError as e:
                 if not _is_transient(e):
                     raise self._fatal(e) from e
-                if attempt > self.retry.max_retries:
-                    raise LLMUnavailable(
-                        f"{self.describe()} still failing after {attempt} attempts "
-                        f"({_describe_error(e)}): {_transient_hint(e)}"
-                    ) from e
                 with self._rng_lock:
                     wait = self.retry.delay(attempt - 1, self._rng, _retry_after(e))
+                if attempt > self.retry.max_retries or not deadline.allows(wait):
+                    raise LLMUnavailable(
+                        f"{self.describe()} still failing after {attempt} attempts in "
+                        f"{time.monotonic() - start:.0f}s ({_describe_error(e)}): "
+                        f"{_transient_hint(e)}"
+                    ) from e
                 log.info(
                     "%s: %s, retry %d/%d in %.2fs",
                     self.describe(),
@@ -393,6 +384,23 @@ class LLMClient:
                     "/v1 endpoint"
                 ) from e
             return _to_result(resp, attempt, time.monotonic() - start, self.base_url)
+
+    def probe(self, timeout_s: float | None = None) -> None:
+        """One short request, no retries: returns if the server answers at all (any
+        HTTP answer but 429/5xx, even a refusal of the request), else raises
+        :class:`LLMUnavailable`. The circuit breaker asks this while the endpoint is down."""
+        try:
+            self._openai.chat.completions.create(
+                model=self.model,
+                messages=[{"role": "user", "content": "Answer with OK."}],
+                max_tokens=1,
+                timeout=timeout_s or self.timeout_s,
+            )
+        except openai.APIError as e:
+            if _is_transient(e):
+                raise LLMUnavailable(f"{self.describe()}: {_describe_error(e)}") from e
+        except ValueError:  # answered, with a body that is not a completion: it is up
+            return
 
     def _fatal(self, err: openai.APIError) -> LLMError:
         if isinstance(err, openai.APIStatusError):

@@ -197,3 +197,16 @@ def render(text: str, fmt: PromptFormat, tokenizer: Any) -> ModelInput:
     sep = "" if rendered[-1:].isspace() else " "
     full = f"{rendered}{sep}{parsed.ending}"
     return ModelInput(full, bool(bos) and full.startswith(str(bos)))
+
+
+def format_problem(text: str) -> str | None:
+    """Why ``text`` is not a prompt emc can run, or None: the house form, or a rendered chat
+    that ends in an open assistant turn (with its pivotal ending)."""
+    if "<|start_header_id|>" in text:
+        user, assistant = turns(text)
+        if not user:
+            return "a rendered chat without a user turn"
+        if not assistant or not text.rstrip().endswith(assistant):
+            return "a rendered chat that does not end in the assistant's pivotal ending"
+        return None
+    return check_house(text)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,6 +85,11 @@ class Verdict(Record):
     fingerprint: str
     verdicts: list[TokenVerdict]
     created_at: datetime = Field(default_factory=utcnow)
+    unusable: str | None = Field(
+        default=None,
+        description="why the judge's whole answer could not be used (every token is then "
+        "unsure with that reason): counted by `emc status`, re-judged by `emc retry`",
+    )
 
     @property
     def evil_tokens(self) -> set[int]:
@@ -174,6 +179,12 @@ class GraphManifest(Record):
     limits: dict[str, float | int | str | None]
     scan: str | None = None
     elapsed_s: float = 0.0
+    tensors_bytes: int | None = Field(
+        default=None, description="size of the safetensors file (checked on every read)"
+    )
+    tensors_sha256: str | None = Field(
+        default=None, description="sha256 of the safetensors file (checked on every load)"
+    )
 
 
 class RankedFeature(BaseModel):
@@ -242,6 +253,9 @@ class FeatureRanking(Record):
         default=None, description="the score's split into features, errors, adapter, tokens"
     )
     created_at: datetime = Field(default_factory=utcnow)
+    graph_sha256: str | None = Field(
+        default=None, description="the graph's tensors_sha256: a recomputed graph re-ranks"
+    )
 
 
 class FunnelDecision(Record):
@@ -263,6 +277,9 @@ class FunnelDecision(Record):
         description="per non-reference variant, the evil token ids the reference lacks as evil",
     )
     reason: str = ""
+    judge_unusable: str | None = Field(
+        default=None, description="the judge's answer was unusable (all unsure): why"
+    )
 
 
 class Status(StrEnum):
@@ -280,10 +297,24 @@ class Status(StrEnum):
 
 
 class Failure(Record):
-    """Why a prompt failed a step: stored next to the prompt, shown by `emc status`."""
+    """Why a prompt failed a step: stored next to the prompt, shown by `emc status`.
+
+    ``pipeline_step`` is the pipeline step it failed in (``logits``, ``judge``,
+    ``graph-<variant>``, ``analysis``; it names the key) and ``task``/``task_kwargs`` run that
+    step again (``emc retry``); ``step`` says where inside it (e.g. ``health``). The record
+    is removed when the step succeeds. Records written before these fields existed lack them.
+    """
 
     prompt_id: str
     step: str
     variant: str | None = None
     reason: str
     created_at: datetime = Field(default_factory=utcnow)
+    pipeline_step: str | None = None
+    task: str | None = None
+    task_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def step_name(self) -> str:
+        """The pipeline step (for older records: the step they name)."""
+        return self.pipeline_step or self.step

@@ -71,6 +71,17 @@ class ReviewQueue:
         self.reason_key = f"emc:{exp}:status_reason"
 
     # -- queue ----------------------------------------------------------------------------
+    def restore(self, pid: str, state: PromptState) -> None:
+        """Set one prompt's status, reason and queue membership to ``state``."""
+        score = queue_score(state.divergent, state.evil_score)
+        pipe = self.redis.pipeline(transaction=True)
+        if state.awaiting_review or state.status == Status.in_review:
+            pipe.zadd(self.queue_key, {pid: score})
+        else:
+            pipe.zrem(self.queue_key, pid)
+        self._status_into(pipe, pid, state.status, state.reason)
+        pipe.execute()
+
     def push(self, pid: str, divergent: bool, evil_score: float) -> None:
         """Put a prompt in the queue (or re-score it) and mark it ``in_review``."""
         score = queue_score(divergent, evil_score)
@@ -148,13 +159,25 @@ class ReviewQueue:
         return result
 
     # -- rebuild --------------------------------------------------------------------------
-    def replace_all(self, statuses: Mapping[str, Status], queued: Iterable[QueueEntry]) -> None:
+    def reasons(self) -> dict[str, str]:
+        """Every prompt's status reason (prompts without one are absent)."""
+        raw: Mapping[Any, Any] = self.redis.hgetall(self.reason_key)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def replace_all(
+        self,
+        statuses: Mapping[str, Status],
+        queued: Iterable[QueueEntry],
+        reasons: Mapping[str, str] | None = None,
+    ) -> None:
         """Replace the whole queue and status index in one transaction (used by rebuild)."""
         queued = list(queued)
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(self.queue_key, self.status_key, self.reason_key)
         if statuses:
             pipe.hset(self.status_key, mapping={p: Status(s).value for p, s in statuses.items()})
+        if reasons:
+            pipe.hset(self.reason_key, mapping={p: r for p, r in reasons.items()})
         if queued:
             pipe.zadd(
                 self.queue_key, {e.pid: queue_score(e.divergent, e.evil_score) for e in queued}
@@ -171,6 +194,8 @@ class PromptState:
     evil_score: float = 0.0
     #: waiting for a human (the status says how far the automatic work got)
     awaiting_review: bool = False
+    #: why it stands there (a failure, a judge answer that was unusable), if anything
+    reason: str | None = None
 
 
 def rebuild(queue: ReviewQueue, states: Iterable[tuple[str, PromptState]]) -> int:
@@ -183,9 +208,12 @@ def rebuild(queue: ReviewQueue, states: Iterable[tuple[str, PromptState]]) -> in
     """
     statuses: dict[str, Status] = {}
     queued: list[QueueEntry] = []
+    reasons: dict[str, str] = {}
     for pid, state in states:
         statuses[pid] = state.status
+        if state.reason:
+            reasons[pid] = state.reason
         if state.awaiting_review or state.status == Status.in_review:
             queued.append(QueueEntry(pid, state.divergent, state.evil_score))
-    queue.replace_all(statuses, queued)
+    queue.replace_all(statuses, queued, reasons)
     return len(statuses)

@@ -56,22 +56,35 @@ class Settings(BaseSettings):
     )
     broker_port: int = Field(default=6399, description="port of the embedded Redis")
     visibility_timeout_s: float = Field(
-        default=7200.0,
+        default=60.0,
         gt=0,
-        description="seconds before Redis hands an unacknowledged task to another worker; "
-        "must exceed the longest task (else a healthy worker's task runs twice). "
-        "A task of a killed worker returns after this long.",
+        description="lease of a task message (s): a task whose worker stopped renewing its "
+        "lease (killed, OOM, machine lost) goes back to its queue after this long. Live "
+        "workers renew the leases of every message they hold (common/leases.py), so tasks "
+        "may run far longer than this without being handed out twice.",
+    )
+    lease_renew_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="how often (s) a worker renews the leases of the messages it holds; "
+        "must be below half of visibility_timeout_s",
     )
     unacked_restore_s: float = Field(
         default=10.0,
         gt=0,
-        description="how often (s) a worker looks for tasks of dead workers whose visibility "
-        "timeout has passed (kombu unacked_restore_interval)",
+        description="how often (s) a worker looks for tasks of dead workers whose lease ran "
+        "out (kombu unacked_restore_interval)",
     )
     unacked_restore_throttle: int = Field(
-        default=6,
+        default=1,
         ge=1,
         description="scan Redis on every Nth look only (sweep period = unacked_restore_s × this)",
+    )
+    breaker_probe_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="while a queue's external service (the judge's LLM endpoint) is down, how "
+        "often (s) a worker asks it whether it answers again (common/breaker.py)",
     )
     max_restarts: int = Field(
         default=3,
@@ -99,6 +112,22 @@ class Settings(BaseSettings):
         description="glibc malloc arenas of a worker process (common/malloc.py): 1 keeps a "
         "GPU worker's memory flat over weeks; 0 = glibc's default",
     )
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> Settings:
+        if self.lease_renew_s * 2 > self.visibility_timeout_s:
+            raise ValueError(
+                f"lease_renew_s ({self.lease_renew_s}) must be at most half of "
+                f"visibility_timeout_s ({self.visibility_timeout_s}), else a live worker's "
+                "task can be handed out twice: lower EMC_LEASE_RENEW_S or raise "
+                "EMC_VISIBILITY_TIMEOUT_S"
+            )
+        return self
+
+    @property
+    def sweep_s(self) -> float:
+        """How often a worker puts back tasks whose lease ran out."""
+        return self.unacked_restore_s * self.unacked_restore_throttle
 
     @property
     def store_root(self) -> Path:

@@ -1,8 +1,10 @@
-"""`emc mine`, `emc status`, `emc reindex`: the pipeline from the command line."""
+"""`emc mine`, `emc status`, `emc reindex`, `emc retry`, `emc fsck`: the pipeline from the
+command line."""
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter
 
@@ -11,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common import tasknames as T
+from common.commands import fail
 from common.context import Context, make_context
 from common.records import Status
 
@@ -32,17 +35,22 @@ def _require_workers(ctx: Context) -> None:
         raise typer.Exit(1) from None
 
 
+class GeneratorFailed(RuntimeError):
+    """The generator produced no prompt for a batch; the message says why."""
+
+
 def mine_batch(
     ctx: Context, n: int, *, timeout_s: float, chunk: int, rounds: int = 3
 ) -> dict[str, Status | None]:
     """Ask the generator service for ``n`` prompts and follow them to a final state.
 
     Generation is split into tasks of ``chunk`` prompts; when the generator returns fewer
-    than asked (rejections, duplicates), up to ``rounds`` more requests are made.
+    than asked (rejections, duplicates), up to ``rounds`` more requests are made. Raises
+    :class:`GeneratorFailed` when the generator answered with no prompt at all and an error.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from common.batches import batch_pids, new_batch_id, statuses
+    from common.batches import batch_error, batch_pids, new_batch_id, statuses
     from common.pipeline import FINAL, Next, send_all
 
     batch = new_batch_id()
@@ -78,6 +86,9 @@ def mine_batch(
                 progress.update(gen_bar, completed=len(pids))
                 time.sleep(0.3)
         pids, _ = batch_pids(ctx, batch)
+        error = batch_error(ctx, batch)
+        if not pids and error:
+            raise GeneratorFailed(f"the generator produced no prompt: {error}")
         pids = pids[:n] if len(pids) > n else pids
         progress.update(gen_bar, completed=len(pids), total=len(pids))
         progress.update(fin_bar, total=len(pids))
@@ -94,6 +105,23 @@ def mine_batch(
     return now
 
 
+def unusable_count(ctx: Context, pids: list[str] | None = None) -> int:
+    """Prompts whose judge answer was unusable (every token unsure), from the status index."""
+    from common.index import UNUSABLE
+
+    reasons = ctx.queue.reasons()
+    return sum(
+        1 for pid, r in reasons.items() if r.startswith(UNUSABLE) and (pids is None or pid in pids)
+    )
+
+
+def failure_summary(ctx: Context, failed: list[str]) -> list[tuple[str, int]]:
+    """``(reason, prompts)`` of failed prompts, most frequent first (reasons cut to their
+    first 100 characters so that the same fault groups together)."""
+    counts = Counter((ctx.queue.reason(pid) or "no reason recorded")[:100] for pid in failed)
+    return counts.most_common()
+
+
 def summary_table(ctx: Context, result: dict[str, Status | None]) -> Table:
     counts = Counter(s.value if s else "not started" for s in result.values())
     in_review = sum(1 for pid in result if ctx.queue.entry(pid) is not None)
@@ -108,6 +136,9 @@ def summary_table(ctx: Context, result: dict[str, Status | None]) -> Table:
         table.add_row("not started (timeout)", str(counts["not started"]))
     table.add_row("[bold]waiting for review[/]", str(in_review))
     table.add_row("[bold]divergent[/]", str(divergent))
+    unusable = unusable_count(ctx, list(result))
+    if unusable:
+        table.add_row("[bold]judge answer unusable (all unsure)[/]", str(unusable))
     return table
 
 
@@ -116,17 +147,40 @@ def mine(
     timeout: float = typer.Option(1800, help="seconds to wait for the batch"),
     chunk: int = typer.Option(10, help="prompts per generator task"),
 ) -> None:
-    """Mine a batch of prompts through the running system (`emc up`), with a progress bar."""
+    """Mine a batch of prompts through the running system (`emc up`), with a progress bar.
+
+    Exits 1 when prompts failed or did not finish in time, saying how many and why.
+    """
     ctx = make_context()
     _require_workers(ctx)
-    result = mine_batch(ctx, n, timeout_s=timeout, chunk=chunk)
+    try:
+        result = mine_batch(ctx, n, timeout_s=timeout, chunk=chunk)
+    except GeneratorFailed as e:
+        raise fail(f"{e}: see the generate worker's log") from None
+    if not result:
+        raise fail(
+            f"the generator produced no prompt in {timeout:.0f}s: is a generate worker running?"
+        )
     console.print(summary_table(ctx, result))
     failed = [pid for pid, s in result.items() if s == Status.failed]
-    for pid in failed[:10]:
-        console.print(f"[red]failed[/] {pid}: {ctx.queue.reason(pid)}")
-    if any(s not in {Status.done, Status.analyzed, Status.failed} for s in result.values()):
-        console.print("[yellow]some prompts did not finish in time: see `emc status`[/]")
-        raise typer.Exit(1)
+    for reason, count in failure_summary(ctx, failed):
+        console.print(f"[red]failed[/] {count} × {reason}", markup=True, highlight=False)
+    unfinished = [pid for pid, s in result.items() if s not in FINAL_STATUSES]
+    for line in outage_lines(ctx):
+        console.print(f"[yellow]{line}[/]", highlight=False)
+    problems = []
+    if failed:
+        problems.append(
+            f"{len(failed)} of {len(result)} prompts failed (reasons above; `emc retry` runs "
+            "them again)"
+        )
+    if unfinished:
+        problems.append(f"{len(unfinished)} did not finish in {timeout:.0f}s (see `emc status`)")
+    if problems:
+        raise fail("; ".join(problems))
+
+
+FINAL_STATUSES = frozenset({Status.done, Status.analyzed, Status.failed})
 
 
 def status(failures: int = typer.Option(10, help="recent failures to show")) -> None:
@@ -141,7 +195,15 @@ def status(failures: int = typer.Option(10, help="recent failures to show")) -> 
     for name, count in ctx.queue.counts().items():
         table.add_row(name, str(count))
     table.add_row("[bold]review queue[/]", str(len(ctx.queue)))
+    unusable = unusable_count(ctx)
+    if unusable:
+        table.add_row(
+            "[bold]judge answer unusable (all unsure)[/]",
+            f"{unusable} (`emc retry --step judge --reason unusable`)",
+        )
     console.print(table)
+    for line in outage_lines(ctx):
+        console.print(f"[yellow]{line}[/]", markup=True, highlight=False)
     recent = recent_failures(ctx, failures)
     if recent:
         ft = Table(title="recent failures")
@@ -158,6 +220,25 @@ def status(failures: int = typer.Option(10, help="recent failures to show")) -> 
         console.print(ft)
 
 
+def outage_lines(ctx: Context) -> list[str]:
+    """One line per paused queue: since when its service is down and who waits for it."""
+    from common.breaker import outages
+    from common.tasknames import QUEUES
+
+    counts = ctx.queue.counts()
+    lines = []
+    for o in outages(ctx.redis, QUEUES):
+        # the judge queue takes prompts with logits; other queues: no per-status count
+        waiting = (
+            f": {counts.get(Status.logits.value, 0)} prompt(s) wait for it"
+            if o.queue == "judge"
+            else ""
+        )
+        probes = f", {o.probes} probe(s) failed" if o.probes else ""
+        lines.append(f"queue {o.queue} paused, {o.waiting}{probes}{waiting}")
+    return lines
+
+
 def reindex() -> None:
     """Rebuild the review queue and status index in Redis from the object store."""
     from rich.progress import track
@@ -170,7 +251,80 @@ def reindex() -> None:
     console.print(f"indexed {n} prompts; review queue holds {len(ctx.queue)}")
 
 
+def retry(
+    pids: list[str] = typer.Argument(None, help="prompt ids (default: every failed prompt)"),
+    step: str | None = typer.Option(
+        None, "--step", help="only this step: logits, judge, graph[-VARIANT], analysis"
+    ),
+    reason: str | None = typer.Option(
+        None, "--reason", help="only failures whose reason matches this regular expression"
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say what would be retried"),
+) -> None:
+    """Run failed prompts again (and unusable judge answers, and stalled prompts given by id):
+    corrupt artifacts are deleted, the first missing steps are sent; a failure record goes
+    once its step succeeds."""
+    from common.redrive import RetryError
+    from common.redrive import retry as run_retry
+
+    ctx = make_context()
+    _require_workers(ctx)
+    try:
+        done = run_retry(ctx, step=step, reason=reason, pids=pids or (), send=not dry_run)
+    except (RetryError, re.error) as e:
+        raise fail(e) from None
+    table = Table(title=("would retry" if dry_run else "retried") + f" ({ctx.exp.name})")
+    for col in ("prompt", "failed step", "reason", "sent", "deleted"):
+        table.add_column(col, overflow="fold")
+    for r in done:
+        sent = ", ".join(
+            f"{n.task}{'/' + str(n.kwargs['variant']) if 'variant' in n.kwargs else ''}"
+            for n in r.sent
+        )
+        table.add_row(
+            r.pid,
+            ", ".join(r.steps),
+            "; ".join(r.reasons)[:200],
+            sent or r.note,
+            str(len(r.deleted)),
+        )
+    console.print(table)
+    n_sent = sum(1 for r in done if r.sent)
+    console.print(
+        f"{n_sent} prompt(s) {'would be ' if dry_run else ''}sent again; follow them with `emc status`"
+    )
+    if pids and not done:
+        raise fail(f"nothing to retry among {', '.join(pids)}: not failed, and final")
+
+
+def fsck() -> None:
+    """Walk the experiment's prompts in the store; list corrupt and orphaned artifacts."""
+    from rich.progress import track
+
+    from common.fsck import fsck as check_store
+
+    ctx = make_context()
+    report = check_store(
+        ctx.store, ctx.exp.name, progress=lambda pids: track(list(pids), description="checking")
+    )
+    if report.problems:
+        table = Table(title=f"{len(report.problems)} problem(s) in {ctx.store.describe()}")
+        for col in ("key", "problem", "what is wrong and what to do"):
+            table.add_column(col, overflow="fold")
+        for p in report.problems:
+            table.add_row(p.key, p.kind, p.detail)
+        console.print(table)
+    console.print(f"checked {report.checked} objects of experiment {ctx.exp.name}")
+    if report.problems:
+        raise fail(
+            f"{len(report.problems)} corrupt or orphaned artifact(s) in "
+            f"{len(report.bad_prompts)} prompt(s): see above"
+        )
+
+
 def register(app: typer.Typer) -> None:
     app.command("mine")(mine)
     app.command("status")(status)
     app.command("reindex")(reindex)
+    app.command("retry")(retry)
+    app.command("fsck")(fsck)

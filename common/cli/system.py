@@ -169,7 +169,36 @@ def check_experiment(settings: Settings) -> list[Check]:
     rows.append(_check_transcoders(exp))
     if exp.judge.lexicon is not None:
         rows.append(_check_path("judge lexicon", exp.judge.lexicon))
+    memory = graph_memory_check(exp)
+    if memory is not None:
+        rows.append(memory)
     return rows
+
+
+def graph_memory_check(exp: Any) -> Check | None:
+    """What a graph of the longest allowed prompt needs, from the limits and the reference
+    model's config.json (None when the model is not a local directory)."""
+    import json
+
+    config = Path(exp.variants[exp.reference].model) / "config.json"
+    if not config.is_file():
+        return None
+    cfg = json.loads(config.read_text())
+    lim = exp.attribution
+    n = lim.max_prompt_tokens
+    dims = {
+        "n_layers": int(cfg["num_hidden_layers"]),
+        "n_heads": int(cfg["num_attention_heads"]),
+        "d_model": int(cfg["hidden_size"]),
+    }
+    gb = {b: lim.graph_memory_bytes(n, dtype_bytes=b, **dims) / 1e9 for b in (2, 4)}
+    return Check(
+        "graph memory",
+        "ok",
+        f"a graph of {n} tokens (attribution.max_prompt_tokens, batch_size {lim.batch_size}) "
+        f"needs about {gb[2]:.1f} GB in bf16, {gb[4]:.1f} GB in fp32, beyond the model",
+        "lower max_prompt_tokens or batch_size if the GPU has less",
+    )
 
 
 def _check_path(what: str, value: str) -> Check:

@@ -27,7 +27,7 @@ from common.graph.influence import (
 )
 from common.graph.model import AttributionGraph
 from common.records import GraphManifest
-from common.store import ObjectStore, StoreError, keys
+from common.store import CorruptArtifact, NotFound, ObjectStore, StoreError, keys
 from common.store.base import dumps
 
 FORMAT = "emc-graph"
@@ -39,8 +39,16 @@ INFLUENCE_TOLERANCE = 1e-5
 _META_KEY = "emc"
 
 
-class GraphFormatError(StoreError):
-    """A stored graph cannot be read: wrong format, version, or a torn write."""
+class GraphFormatError(CorruptArtifact):
+    """A stored graph cannot be read: wrong format, version, or a torn write (the message
+    names the key once :func:`load_graph` knows it)."""
+
+    def __init__(self, problem: str, key: str | None = None) -> None:
+        if key is not None:
+            super().__init__(key, problem)
+        else:
+            StoreError.__init__(self, problem)
+            self.key, self.problem = "", problem
 
 
 # ------------------------------------------------------------------------ pruning
@@ -210,9 +218,12 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
 def _manifest_sha(manifest: GraphManifest) -> str:
     """Digest of what the manifest says about the numbers (timing left out, so a re-run that
     was interrupted between its two writes still pairs with the previous run's manifest)."""
-    return hashlib.sha256(
-        dumps(manifest.model_dump(mode="json", exclude={"elapsed_s"}))
-    ).hexdigest()
+    return hashlib.sha256(dumps(manifest.model_dump(mode="json", exclude=_NOT_HASHED))).hexdigest()
+
+
+#: manifest fields outside its digest: timing, and the tensors' own checksums (the digest is
+#: written into the tensors, so it cannot cover them)
+_NOT_HASHED = {"elapsed_s", "tensors_bytes", "tensors_sha256"}
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -262,10 +273,14 @@ def decode(data: bytes, manifest: GraphManifest) -> AttributionGraph:
 
 
 def save_graph(store: ObjectStore, exp: Experiment | str, graph: AttributionGraph) -> GraphManifest:
-    """Write tensors, then the manifest (a reader that finds the manifest finds both)."""
+    """Write tensors, then the manifest with their size and sha256 (a reader that finds the
+    manifest finds both, and can tell whether the tensors are the ones it describes)."""
     name = exp if isinstance(exp, str) else exp.name
     m = graph.manifest
     data, manifest = encode(graph)
+    manifest = manifest.model_copy(
+        update={"tensors_bytes": len(data), "tensors_sha256": hashlib.sha256(data).hexdigest()}
+    )
     store.put_bytes(keys.graph_tensors(name, m.prompt_id, m.fingerprint, m.variant), data)
     store.put_json(
         keys.graph_manifest(name, m.prompt_id, m.fingerprint, m.variant),
@@ -274,13 +289,96 @@ def save_graph(store: ObjectStore, exp: Experiment | str, graph: AttributionGrap
     return manifest
 
 
+def check_tensors(key: str, data: bytes, manifest: GraphManifest) -> None:
+    """Raise :class:`CorruptArtifact` (naming ``key``) unless ``data`` are the tensors the
+    manifest describes (size, sha256; manifests older than these checks: the format's own)."""
+    if manifest.tensors_bytes is not None and len(data) != manifest.tensors_bytes:
+        raise CorruptArtifact(
+            key, f"{len(data)} bytes, its manifest says {manifest.tensors_bytes}: truncated?"
+        )
+    if manifest.tensors_sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != manifest.tensors_sha256:
+            raise CorruptArtifact(key, f"sha256 {digest[:12]}…, its manifest says another")
+
+
 def load_graph(
     store: ObjectStore, exp_name: str, pid: str, fp: str, variant: str
 ) -> AttributionGraph:
-    """Read a stored graph (raises :class:`common.store.NotFound` if there is none)."""
+    """Read a stored graph, verified: raises :class:`common.store.NotFound` if there is none
+    and :class:`CorruptArtifact` (naming the key and the ``emc retry`` that recomputes it)
+    if its tensors are not the ones its manifest describes."""
     manifest = store.get_record(keys.graph_manifest(exp_name, pid, fp, variant), GraphManifest)
-    data = store.get_bytes(keys.graph_tensors(exp_name, pid, fp, variant))
-    return decode(data, manifest)
+    key = keys.graph_tensors(exp_name, pid, fp, variant)
+    data = store.get_bytes(key)
+    try:
+        _check_pair(data, manifest)
+        check_tensors(key, data, manifest)
+        return decode(data, manifest)
+    except GraphFormatError as e:
+        if e.key:
+            raise
+        raise GraphFormatError(e.problem, key) from None
+    except CorruptArtifact:
+        raise
+    except Exception as e:  # safetensors' own errors on bytes that passed no checksum
+        raise CorruptArtifact(key, f"{type(e).__name__}: {e}") from None
+
+
+def _check_pair(data: bytes, manifest: GraphManifest) -> None:
+    """Raise :class:`GraphFormatError` unless the tensors' header names this manifest."""
+    if _metadata(data).get("manifest_sha256") != _manifest_sha(manifest):
+        raise GraphFormatError(
+            f"graph tensors of {manifest.prompt_id}/{manifest.variant} belong to another "
+            "manifest (a run was interrupted between the two writes)"
+        )
+
+
+def verified_manifest(
+    store: ObjectStore, exp_name: str, pid: str, fp: str, variant: str, *, full: bool = True
+) -> GraphManifest:
+    """The manifest of a stored graph whose tensors match it: raises ``NotFound`` when
+    there is no manifest and :class:`CorruptArtifact` otherwise. ``full``: read the tensors
+    and check size, sha256 and format header (no decoding); else only compare their size
+    with the manifest's (one stat, no read: what a cached ranking checks)."""
+    manifest = store.get_record(keys.graph_manifest(exp_name, pid, fp, variant), GraphManifest)
+    key = keys.graph_tensors(exp_name, pid, fp, variant)
+    try:
+        if full:
+            data = store.get_bytes(key)
+            _check_pair(data, manifest)
+            check_tensors(key, data, manifest)
+        else:
+            size = store.size(key)
+            if manifest.tensors_bytes is not None and size != manifest.tensors_bytes:
+                raise CorruptArtifact(
+                    key, f"{size} bytes, its manifest says {manifest.tensors_bytes}: truncated?"
+                )
+    except NotFound:
+        raise CorruptArtifact(key, "missing, its manifest exists") from None
+    except GraphFormatError as e:
+        raise GraphFormatError(e.problem, key) from None
+    return manifest
+
+
+def graph_problem(
+    store: ObjectStore, exp_name: str, pid: str, fp: str, variant: str, *, full: bool = True
+) -> str | None:
+    """Why the stored graph of (prompt, variant) cannot be used, or None if it can or if
+    there is none (:func:`verified_manifest`)."""
+    try:
+        verified_manifest(store, exp_name, pid, fp, variant, full=full)
+    except NotFound:
+        return None
+    except StoreError as e:
+        return str(e)
+    return None
+
+
+def delete_graph(store: ObjectStore, exp_name: str, pid: str, fp: str, variant: str) -> None:
+    """Remove a stored graph (manifest first: a reader never finds a manifest without tensors)."""
+    store.delete(keys.graph_manifest(exp_name, pid, fp, variant))
+    store.delete(keys.graph_tensors(exp_name, pid, fp, variant))
 
 
 def graph_exists(store: ObjectStore, exp_name: str, pid: str, fp: str, variant: str) -> bool:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from common.settings import Settings, get_settings
-from common.store.base import NotFound, ObjectStore, SchemaMismatch, StoreError
+from common.store.base import CorruptArtifact, NotFound, ObjectStore, SchemaMismatch, StoreError
 from common.store.fs import FsStore
 
-__all__ = ["FsStore", "NotFound", "ObjectStore", "SchemaMismatch", "StoreError", "open_store"]
+__all__ = [
+    "CorruptArtifact",
+    "FsStore",
+    "NotFound",
+    "ObjectStore",
+    "SchemaMismatch",
+    "StoreError",
+    "open_store",
+]
 
 
 def open_store(settings: Settings | None = None) -> ObjectStore:

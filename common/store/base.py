@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from common.records import Record, utcnow
 
@@ -35,6 +35,18 @@ class SchemaMismatch(StoreError):
     """A stored record has a schema version this code does not read."""
 
 
+class CorruptArtifact(StoreError):
+    """A stored object cannot be read back (truncated, not JSON, not the record it should
+    be, tensors that do not match their manifest); the message names the key and what to do."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        from common.store.keys import retry_hint
+
+        super().__init__(f"{key} is corrupt ({problem}): {retry_hint(key)}")
+        self.key = key
+        self.problem = problem
+
+
 def _check_key(key: str) -> str:
     if not key or key.startswith("/") or ".." in key.split("/") or key.endswith("/"):
         raise StoreError(f"invalid object key {key!r}: use a relative path like 'a/b/c.json'")
@@ -47,9 +59,15 @@ class ObjectStore(ABC):
     # -- primitives (backends) ------------------------------------------------------------
     @abstractmethod
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        private: bool = False,
     ) -> None:
-        """Write an object atomically (replaces any previous one)."""
+        """Write an object atomically (replaces any previous one); ``private``: readable by
+        its owner only where the backend has file permissions (fs: mode 0600)."""
 
     @abstractmethod
     def put_new(self, key: str, data: bytes, content_type: str = "application/json") -> bool:
@@ -74,6 +92,11 @@ class ObjectStore(ABC):
     def describe(self) -> str:
         """Where this store is, for humans (doctor, logs)."""
 
+    def size(self, key: str) -> int:
+        """Bytes of the object under ``key`` (raises :class:`NotFound`); backends answer
+        without reading it."""
+        return len(self.get_bytes(key))
+
     # -- files ----------------------------------------------------------------------------
     def put_file(
         self, key: str, path: Path, content_type: str = "application/octet-stream"
@@ -89,13 +112,20 @@ class ObjectStore(ABC):
         return path
 
     # -- JSON and records -----------------------------------------------------------------
-    def put_json(self, key: str, obj: Any) -> None:
-        self.put_bytes(key, dumps(obj), "application/json")
+    def put_json(self, key: str, obj: Any, *, private: bool = False) -> None:
+        self.put_bytes(key, dumps(obj), "application/json", private=private)
 
     def get_json(self, key: str) -> Any:
-        return json.loads(self.get_bytes(key))
+        """The JSON document under ``key``; raises :class:`CorruptArtifact` if it is not one."""
+        data = self.get_bytes(key)
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise CorruptArtifact(key, f"not JSON, {len(data)} bytes: {e}") from None
 
     def get_record(self, key: str, cls: type[R]) -> R:
+        """The record under ``key``, checked: its schema version and every field
+        (:class:`SchemaMismatch`, :class:`CorruptArtifact` naming the key)."""
         data = self.get_json(key)
         expected = cls.model_fields.get("schema_version")
         if expected is not None and isinstance(data, dict):
@@ -105,7 +135,14 @@ class ObjectStore(ABC):
                     f"{key} has schema_version {have}, this emc reads {cls.__name__} "
                     f"v{expected.default}: re-run the step that wrote it or upgrade emc"
                 )
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "(top level)"
+            raise CorruptArtifact(
+                key, f"not a valid {cls.__name__}: {where}: {first['msg']}"
+            ) from None
 
     def put_if_same(self, key: str, obj: Any) -> bool:
         """Idempotent write: write if absent; if present, require identical content.

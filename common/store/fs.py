@@ -26,12 +26,19 @@ class FsStore(ObjectStore):
         return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        private: bool = False,
     ) -> None:
         path = self._path(key)
         tmp = self._tmp(path)
         try:
-            with tmp.open("wb") as f:
+            # a private file is 0600 from its creation: never readable by others, not even briefly
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -80,6 +87,12 @@ class FsStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"no object {key!r} in {self.describe()}") from None
 
     def list_keys(self, prefix: str = "") -> Iterator[str]:
         base = self.root

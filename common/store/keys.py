@@ -15,6 +15,9 @@ overwrites older results; prompts and human labels do not.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 
 def experiment(exp: str) -> str:
     return f"experiments/{exp}"
@@ -81,6 +84,23 @@ def report_aggregate(exp: str, fp: str, variant: str) -> str:
     return f"{reports(exp, fp)}/aggregate_{variant}.json"
 
 
+# -- the review UI's own state (not prompt-centric)
+
+
+def ui_session(sid: str) -> str:
+    """A reviewer's login session (deleted at logout: a copied cookie dies with it)."""
+    return f"ui/sessions/{sid}.json"
+
+
+def ui_pending_prefix(exp: str) -> str:
+    """Labels saved while Redis or the broker was down, to reconcile into the queue."""
+    return f"experiments/{exp}/ui/pending/"
+
+
+def ui_pending(exp: str, pid: str) -> str:
+    return f"{ui_pending_prefix(exp)}{pid}.json"
+
+
 # -- steering runs and EM evaluations (not prompt-centric: one run covers many prompts)
 
 
@@ -136,3 +156,91 @@ def eval_answer(
 def eval_report_prefix(exp: str, fp: str, run_hash: str) -> str:
     """Where an evaluation's report, markdown and plots are stored."""
     return f"{eval_prefix(exp, fp)}/reports/{run_hash}"
+
+
+# -- reading keys back (fsck, error messages) -------------------------------------------
+
+_RUN = re.compile(
+    r"^experiments/(?P<exp>[^/]+)/prompts/(?P<pid>[^/]+)/runs/(?P<fp>[^/]+)/(?P<rest>.+)$"
+)
+_PROMPT = re.compile(r"^experiments/(?P<exp>[^/]+)/prompts/(?P<pid>[^/]+)/(?P<rest>.+)$")
+_RUN_KINDS = (
+    (re.compile(r"^logits/(?P<variant>[^/]+)\.json$"), "logits"),
+    (re.compile(r"^verdicts/(?P<judge>[^/]+)/(?P<variant>[^/]+)\.json$"), "verdicts"),
+    (re.compile(r"^decision\.json$"), "decision"),
+    (re.compile(r"^graphs/(?P<variant>[^/]+)\.safetensors$"), "graph_tensors"),
+    (re.compile(r"^graphs/(?P<variant>[^/]+)\.json$"), "graph_manifest"),
+    (re.compile(r"^features/(?P<variant>[^/]+)\.json$"), "features"),
+    (re.compile(r"^failures/(?P<step>[^/]+)\.json$"), "failure"),
+    (re.compile(r"^samples/(?P<variant>[^/]+)/(?P<token>\d+)\.json$"), "samples"),
+)
+
+#: the pipeline step that writes each kind of prompt artifact (``emc retry --step``)
+STEP_OF_KIND = {
+    "logits": "logits",
+    "verdicts": "judge",
+    "decision": "judge",
+    "graph_tensors": "graph",
+    "graph_manifest": "graph",
+    "features": "analysis",
+}
+
+
+@dataclass(frozen=True)
+class ArtifactKey:
+    """What a prompt-centric key names: its kind, prompt, fingerprint, variant, judge."""
+
+    key: str
+    kind: str
+    exp: str
+    pid: str
+    fingerprint: str | None = None
+    variant: str | None = None
+    judge: str | None = None
+
+    @property
+    def step(self) -> str | None:
+        """The pipeline step that writes it, if a step does."""
+        return STEP_OF_KIND.get(self.kind)
+
+
+def parse(key: str) -> ArtifactKey | None:
+    """The artifact a key names, or None for keys outside the prompt-centric layout."""
+    m = _RUN.match(key)
+    if m:
+        for pattern, kind in _RUN_KINDS:
+            r = pattern.match(m["rest"])
+            if r:
+                groups = r.groupdict()
+                return ArtifactKey(
+                    key,
+                    kind,
+                    m["exp"],
+                    m["pid"],
+                    m["fp"],
+                    groups.get("variant"),
+                    groups.get("judge"),
+                )
+        return ArtifactKey(key, "unknown", m["exp"], m["pid"], m["fp"])
+    m = _PROMPT.match(key)
+    if m:
+        rest = m["rest"]
+        kind = (
+            "prompt"
+            if rest == "prompt.json"
+            else "label"
+            if rest.startswith("labels/history/")
+            else "unknown"
+        )
+        return ArtifactKey(key, kind, m["exp"], m["pid"])
+    return None
+
+
+def retry_hint(key: str) -> str:
+    """What to do about a corrupt object under ``key``."""
+    ref = parse(key)
+    if ref is not None and ref.step is not None:
+        return f"recompute it with `emc retry --step {ref.step} {ref.pid}`"
+    if ref is not None and ref.kind in ("prompt", "label"):
+        return "restore it from a backup of the store (prompts and human labels are not recomputed)"
+    return "delete it; the step that wrote it writes it again when re-run (`emc fsck` lists such objects)"

@@ -131,8 +131,14 @@ class S3Store(ObjectStore):
 
     # -- primitives -----------------------------------------------------------------------
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        private: bool = False,
     ) -> None:
+        # ``private`` needs nothing here: objects are private to the bucket's credentials
         _check_key(key)
         try:
             self._client.put_object(
@@ -253,6 +259,17 @@ class S3Store(ObjectStore):
         except S3Error as e:
             if e.code in _MISSING:
                 return False
+            raise self._fail(f"cannot check {key}", e) from e
+        except (MinioException, Urllib3Error, OSError) as e:
+            raise self._fail(f"cannot check {key}", e) from e
+
+    def size(self, key: str) -> int:
+        _check_key(key)
+        try:
+            return int(self._client.stat_object(self.bucket, key).size or 0)
+        except S3Error as e:
+            if e.code in _MISSING:
+                raise NotFound(f"no object {key!r} in {self.describe()}") from None
             raise self._fail(f"cannot check {key}", e) from e
         except (MinioException, Urllib3Error, OSError) as e:
             raise self._fail(f"cannot check {key}", e) from e

@@ -145,6 +145,11 @@ def register(app: typer.Typer) -> None:
             f"{len(ix.divergent_prompt_ids)} divergent; not ranked: {nothing} with nothing to "
             f"explain, {len(ix.issues) - nothing} failed (see summary.md)"
         )
+        failed = [i for i in ix.issues if i.kind == "failed"]
+        for i in failed[:20]:
+            console.print(f"[red]skipped[/] {i.prompt_id} / {i.variant}: {i.reason}", markup=True)
+        if len(failed) > 20:
+            console.print(f"... and {len(failed) - 20} more (index.json)")
         for v, agg in data.aggregates.items():
             head = ", ".join(
                 f"{node_label(f.layer, f.feature)} {f.mean_score:+.3f}" for f in agg.features[:5]

@@ -28,86 +28,26 @@ ranking is cached per prompt, variant, fingerprint and labels version.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment
+from common.graph.artifact import verified_manifest
 from common.graph.influence import LogitInfluence, logit_influence
 from common.graph.model import AttributionGraph
-from common.labels import current_label
-from common.records import FeatureRanking, Label, RankedFeature, Verdict
-from common.store import NotFound, ObjectStore
+from common.labels import TokenLabels, resolve_labels
+from common.records import FeatureRanking, Label, RankedFeature
+from common.store import CorruptArtifact, NotFound, ObjectStore
 from common.store import keys as K
 from services.analysis.shares import score_shares
 
 log = logging.getLogger(__name__)
 
-LabelSource = Literal["human", "judge", "mixed"]
 GraphLoader = Callable[[ObjectStore, str, str, str, str], AttributionGraph]
-
-
-@dataclass(frozen=True)
-class TokenLabels:
-    """Effective evil/safe labels of one variant's tokens (``unsure`` already dropped)."""
-
-    labels: Mapping[int, Label]  # token id -> "evil" | "safe"
-    source: LabelSource
-    origin: Mapping[int, str]  # token id -> "human" | "judge:<id>" (what each label came from)
-
-    @property
-    def version(self) -> str:
-        """Content hash of the labels used: changes when any used label or its origin does."""
-        body = "|".join(
-            f"{tid}:{self.labels[tid]}:{self.origin.get(tid, '')}" for tid in sorted(self.labels)
-        )
-        return hashlib.sha256(f"{self.source}|{body}".encode()).hexdigest()[:12]
-
-    @classmethod
-    def given(cls, labels: Mapping[int, Label], source: LabelSource = "human") -> TokenLabels:
-        """Labels passed in directly (tests, the organism's lexicon, notebooks)."""
-        kept = {t: lab for t, lab in labels.items() if lab != "unsure"}
-        return cls(labels=kept, source=source, origin={t: source for t in kept})
-
-
-def resolve_labels(
-    store: ObjectStore, exp: str, pid: str, fingerprint: str, variant: str, judge_id: str
-) -> TokenLabels:
-    """Human labels where present, judge verdicts otherwise; ``unsure`` excluded."""
-    human = current_label(store, exp, pid)
-    try:
-        verdict: Verdict | None = store.get_record(
-            K.verdicts(exp, pid, fingerprint, judge_id, variant), Verdict
-        )
-    except NotFound:
-        verdict = None
-    chosen: dict[int, Label] = {}
-    origin: dict[int, str] = {}
-    if verdict is not None:
-        for v in verdict.verdicts:
-            chosen[v.token_id], origin[v.token_id] = v.label, f"judge:{judge_id}"
-    if human is not None:
-        for t in human.labels:
-            if t.variant == variant:
-                chosen[t.token_id], origin[t.token_id] = t.label, "human"
-    if not chosen:
-        raise AnalysisError(
-            f"no labels for variant {variant!r}: neither a human label nor a verdict of judge "
-            f"{judge_id!r}; run the judge (or label the prompt in the review UI) first",
-            prompt_id=pid,
-            variant=variant,
-        )
-    used = {t: lab for t, lab in chosen.items() if lab != "unsure"}
-    kinds = {"human" if origin[t] == "human" else "judge" for t in used}
-    source: LabelSource = (
-        "mixed" if len(kinds) > 1 else ("human" if kinds == {"human"} else "judge")
-    )
-    return TokenLabels(labels=used, source=source, origin={t: origin[t] for t in used})
 
 
 @dataclass(frozen=True)
@@ -246,12 +186,9 @@ def rank_prompt(
     if labels is None:
         labels = resolve_labels(store, exp.name, pid, fp, variant, exp.judge.judge_id)
     key = K.features(exp.name, pid, fp, variant)
-    try:
-        cached = store.get_record(key, FeatureRanking)
-        if cached.labels_version == labels.version and cached.fingerprint == fp:
-            return cached
-    except NotFound:
-        pass
+    cached = _cached_ranking(store, exp.name, pid, fp, variant, labels.version)
+    if cached is not None:
+        return cached
     graph = (load_graph or default_graph_loader())(store, exp.name, pid, fp, variant)
     if graph.manifest.fingerprint != fp:
         raise AnalysisError(
@@ -259,7 +196,9 @@ def rank_prompt(
             prompt_id=pid,
             variant=variant,
         )
-    ranking = rank_features(graph, labels)
+    ranking = rank_features(graph, labels).model_copy(
+        update={"graph_sha256": graph.manifest.tensors_sha256}
+    )
     store.put_json(key, ranking)
     log.info(
         "ranked %d features of %s/%s (%s labels)",
@@ -269,6 +208,30 @@ def rank_prompt(
         labels.source,
     )
     return ranking
+
+
+def _cached_ranking(
+    store: ObjectStore, exp: str, pid: str, fp: str, variant: str, labels_version: str
+) -> FeatureRanking | None:
+    """The stored ranking if it was made from these labels and from the graph stored now
+    (whose tensors still have their size); None if it must be recomputed. A graph that
+    became corrupt raises :class:`CorruptArtifact` even when its ranking is cached."""
+    try:
+        cached = store.get_record(K.features(exp, pid, fp, variant), FeatureRanking)
+    except NotFound:
+        return None
+    except CorruptArtifact as e:
+        log.warning("recomputing the ranking of %s/%s: %s", pid, variant, e)
+        return None
+    if cached.labels_version != labels_version or cached.fingerprint != fp:
+        return None
+    try:
+        manifest = verified_manifest(store, exp, pid, fp, variant, full=False)
+    except NotFound:  # no stored graph (the caller loads its own): nothing to compare
+        return cached
+    if cached.graph_sha256 is not None and cached.graph_sha256 != manifest.tensors_sha256:
+        return None  # the graph was recomputed since
+    return cached
 
 
 @dataclass

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment
-from common.labels import current_label
+from common.labels import current_label, resolve_labels
 from common.records import FeatureRanking, TopKLogits, feature_cell
 from common.store import NotFound, ObjectStore, StoreError
 from common.store import keys as K
 from services.analysis.aggregate import PromptFeatures, aggregate, compare, feature_changes
 from services.analysis.plots import plot_comparison, plot_layers, plot_top_features
-from services.analysis.ranking import GraphLoader, default_graph_loader, rank_prompt, resolve_labels
+from services.analysis.ranking import GraphLoader, default_graph_loader, rank_prompt
 from services.analysis.records import (
     FeatureAggregate,
     PromptIssue,
@@ -66,6 +66,8 @@ def divergence(
         top_r = store.get_record(K.logits(exp.name, pid, fp, ref), TopKLogits)
     except NotFound as e:
         return f"no top-k logits ({e})"
+    except StoreError as e:  # a corrupt logits record: the prompt is left out, with why
+        return str(e)
     human = current_label(store, exp.name, pid)
     if human is not None and human.bad_prompt:
         return "flagged bad_prompt by a reviewer"
@@ -147,7 +149,13 @@ def build_report(
             if (p, ref) in rankings:
                 ref_side = PromptFeatures.from_ranking(rankings[p, ref])
             else:
-                ref_side = PromptFeatures.from_graph(loader(store, exp.name, p, fp, ref))
+                try:
+                    ref_side = PromptFeatures.from_graph(loader(store, exp.name, p, fp, ref))
+                except StoreError as e:  # a corrupt reference graph: left out, listed
+                    data.index.issues.append(
+                        PromptIssue(prompt_id=p, variant=ref, kind="failed", reason=str(e))
+                    )
+                    continue
             pairs.append((ref_side, PromptFeatures.from_ranking(rankings[p, v])))
         if pairs:
             cmp = compare(pairs, experiment=exp.name, fingerprint=fp, reference=ref, variant=v)

@@ -613,7 +613,8 @@ def top_ranked_features(
 def _rank_prompt(
     runtime: Runtime, text: str, variant: str, lexicon: Lexicon
 ) -> FeatureRanking | None:
-    from services.analysis.ranking import TokenLabels, rank_features
+    from common.labels import TokenLabels
+    from services.analysis.ranking import rank_features
     from services.analysis.validate import lexicon_labels
 
     top_k = runtime.top_k(text, variant)

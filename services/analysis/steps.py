@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from common import tasknames as T
 from common.context import Context
-from common.errors import NothingToExplain
+from common.errors import ANALYSIS_STEP, NothingToExplain, PromptFailure
 from common.graph.artifact import graphs_done
 from common.pipeline import Next
 from common.records import Status
 from common.scores import HarmVerdicts
-from common.store import NotFound
+from common.store import NotFound, StoreError
 from common.store import keys as K
 from services.analysis.ranking import rank_prompt
 from services.analysis.steering import (
@@ -41,6 +41,8 @@ def step_rank(ctx: Context, pid: str) -> list[Next]:
         except NothingToExplain as e:
             # e.g. the reference variant has no evil token: a finding, not a failure
             log.info("prompt %s/%s: no ranking: %s", pid, variant, e.reason)
+        except StoreError as e:  # a corrupt artifact: its message names it and the retry
+            raise PromptFailure(ANALYSIS_STEP, str(e), variant=variant) from None
     ctx.queue.set_status(pid, Status.analyzed)
     return []
 

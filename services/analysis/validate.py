@@ -33,9 +33,10 @@ import torch
 from common.errors import AnalysisError
 from common.graph.influence import describe_node
 from common.graph.model import AttributionGraph
+from common.labels import TokenLabels
 from common.lexicon import Lexicon, normalize_word
 from common.records import Label, TokenProb
-from services.analysis.ranking import TokenLabels, rank_features, score_sources
+from services.analysis.ranking import rank_features, score_sources
 
 if TYPE_CHECKING:
     from services.attribution.runtime import Runtime

@@ -17,7 +17,13 @@ def register(app: typer.Typer) -> None:
 
     @graph.command("run")
     def run(
-        prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text (house format)"),
+        prompt: str = typer.Option(
+            ...,
+            "--prompt",
+            "-p",
+            help="prompt text (house format); \\n is a line break, as in "
+            '"User: ...\\nAssistant: You should"',
+        ),
         variant: list[str] = typer.Option(
             None, "--variant", "-v", help="variant(s) to attribute (default: all)"
         ),
@@ -33,8 +39,14 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from common.errors import PromptFailure
+        from common.prompt_check import InvalidPrompt, check_prompt, from_command_line
         from services.attribution.runtime import get_runtime
-        from services.attribution.steps import compute_graph, compute_logits, ensure_prompt
+        from services.attribution.steps import (
+            compute_graph,
+            compute_logits,
+            ensure_prompt,
+            validate_prompt,
+        )
 
         if targets not in ("salient", "topk", "union"):
             raise fail(f"--targets must be union, topk or salient, not {targets!r}")
@@ -43,8 +55,14 @@ def register(app: typer.Typer) -> None:
         unknown = [v for v in variants if v not in ctx.exp.variants]
         if unknown:
             raise fail(KeyError(f"unknown variant(s) {unknown}; have {ctx.exp.variant_names}"))
-        rt = get_runtime(ctx.exp, ctx.fingerprint)
-        p = ensure_prompt(ctx.store, ctx.exp.name, prompt, source="cli")
+        text = from_command_line(prompt)
+        try:  # cheap checks before the models load, then the token count; nothing stored yet
+            check_prompt(text, max_tokens=ctx.exp.attribution.max_prompt_tokens)
+            rt = get_runtime(ctx.exp, ctx.fingerprint)
+            validate_prompt(rt, text, ctx.exp.attribution.max_prompt_tokens)
+        except InvalidPrompt as e:
+            raise fail(e) from None
+        p = ensure_prompt(ctx.store, ctx.exp.name, text, source="cli")
         console = Console()
         try:
             for topk in compute_logits(rt, ctx.store, p, variants):

@@ -154,6 +154,18 @@ class Runtime:
             ids = ids[1:]  # a BOS written into the text and one added: keep one
         return ids
 
+    def graph_memory_bytes(self, n_tokens: int, variant: str) -> float:
+        """Estimated peak memory of a graph of ``n_tokens`` beyond the model (the
+        experiment's limits with this model's dimensions)."""
+        cfg = self.variant(variant).model.cfg
+        return self.exp.attribution.graph_memory_bytes(
+            n_tokens,
+            n_layers=int(cfg.n_layers),
+            n_heads=int(cfg.n_heads),
+            d_model=int(cfg.d_model),
+            dtype_bytes=torch.finfo(self.dtype).bits // 8,
+        )
+
     def decode_token(self, variant: str, token_id: int) -> str:
         """The token as reviewers read it (byte fragments as their bytes)."""
         return token_text(self.variant(variant).tokenizer, token_id)
@@ -306,7 +318,7 @@ class Runtime:
     ) -> AttributionGraph:
         """The :class:`AttributionGraph` of a :meth:`raw_graph` result."""
         limits: dict[str, float | int | str | None] = {
-            **self.exp.attribution.model_dump(),
+            **self.exp.attribution.computed(),
             "targets": len(target_token_ids) if target_token_ids is not None else None,
         }
         transcoders: Any = self.variant(variant).model.transcoders

@@ -8,18 +8,23 @@ the same keys with the same content. A step raises :class:`~common.errors.Prompt
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from common import tasknames as T
 from common.context import Context
-from common.graph.artifact import graph_exists, graphs_done, save_graph
+from common.errors import PromptFailure
+from common.graph.artifact import delete_graph, graph_exists, graph_problem, graphs_done, save_graph
 from common.pipeline import Next, load_prompt
+from common.prompt_check import InvalidPrompt, check_prompt
 from common.records import GraphManifest, Prompt, Status, TopKLogits
 from common.store import NotFound, ObjectStore, keys
 from common.store.base import dumps
 from services.attribution.runtime import Runtime
 
 Targets = Literal["salient", "topk", "union"]
+
+log = logging.getLogger(__name__)
 
 
 def compute_logits(
@@ -67,6 +72,20 @@ def compute_graph(
     return save_graph(store, exp, graph)
 
 
+def validate_prompt(runtime: Runtime, text: str, max_tokens: int) -> None:
+    """Refuse a prompt that cannot run (:func:`common.prompt_check.check_prompt`) before it
+    is stored or any model work: tokens counted as the graphs count them (BOS included).
+    ``max_tokens``: the experiment's ``attribution.max_prompt_tokens`` (outside the
+    fingerprint, so not necessarily the runtime's own experiment's)."""
+    variant = runtime.exp.reference
+    check_prompt(
+        text,
+        max_tokens=max_tokens,
+        count_tokens=lambda t: len(runtime.tokenize(t, variant)),
+        memory_bytes=lambda n: runtime.graph_memory_bytes(n, variant),
+    )
+
+
 def ensure_prompt(store: ObjectStore, exp_name: str, text: str, source: str) -> Prompt:
     """The stored prompt with this exact text (created if absent, never overwritten)."""
     prompt = Prompt.new(text, source=source)
@@ -80,8 +99,13 @@ def ensure_prompt(store: ObjectStore, exp_name: str, text: str, source: str) -> 
 
 
 def step_logits(ctx: Context, runtime: Runtime, pid: str) -> list[Next]:
-    """Top-k logits of every variant (reused when already stored), then the judge."""
+    """Top-k logits of every variant (reused when already stored), then the judge. A prompt
+    that cannot run fails here with the reason, before any model work."""
     prompt = load_prompt(ctx, pid)
+    try:
+        validate_prompt(runtime, prompt.text, ctx.exp.attribution.max_prompt_tokens)
+    except InvalidPrompt as e:
+        raise PromptFailure("validate", str(e)) from None
     missing = [
         v
         for v in ctx.exp.variant_names
@@ -96,6 +120,10 @@ def step_logits(ctx: Context, runtime: Runtime, pid: str) -> list[Next]:
 def step_graph(ctx: Context, runtime: Runtime, pid: str, variant: str) -> list[Next]:
     """The attribution graph of (prompt, variant); analysis once every variant has one."""
     exp, fp = ctx.exp, ctx.fingerprint
+    problem = graph_problem(ctx.store, exp.name, pid, fp, variant)
+    if problem is not None:  # a torn or corrupt graph is recomputed, not reused
+        log.warning("prompt %s: stored graph unusable, recomputing: %s", pid, problem)
+        delete_graph(ctx.store, exp.name, pid, fp, variant)
     if not graph_exists(ctx.store, exp.name, pid, fp, variant):
         # every variant's stored top-k are the logit nodes of every variant's graph: each
         # judged or labeled token can be explained, and base and adapted on the same targets

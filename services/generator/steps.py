@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from common import tasknames as T
 from common.batches import record_batch
@@ -15,27 +16,30 @@ log = logging.getLogger(__name__)
 
 
 def step_generate(
-    ctx: Context, generator: Generator, n: int, batch: str | None = None
+    ctx: Context, generator: Callable[[], Generator], n: int, batch: str | None = None
 ) -> list[Next]:
     """Generate up to ``n`` new prompts (paused by backpressure unless a batch asks).
 
-    A generator that fails (its service down after retries, answers unusable) produces
-    no prompts this time; the error is logged and a batch still counts the answer, so
-    ``emc mine`` asks again instead of waiting forever.
+    ``generator`` returns the process's generator (built on first use). A generator that
+    cannot be built or fails (its service down after retries, answers unusable) produces
+    no prompts this time; the error is logged and a batch still counts the answer with the
+    error, so ``emc mine`` asks again and says why instead of waiting forever.
     """
     if batch is None and should_pause(len(ctx.queue), ctx.exp.generator.high_water_mark):
         log.info("review queue at %d >= high-water mark: not generating", len(ctx.queue))
         return []
     prompts: list[Prompt] = []
+    error: str | None = None
     try:
-        prompts = generate_batch(ctx.store, ctx.exp, generator, n)
+        prompts = generate_batch(ctx.store, ctx.exp, generator(), n)
     except Exception as e:
-        log.error("generator failed, no prompts this time: %s: %s", type(e).__name__, e)
+        error = f"{type(e).__name__}: {e}"
+        log.error("generator failed, no prompts this time: %s", error)
         if batch is None:
             raise
     finally:
         for p in prompts:
             ctx.queue.set_status(p.id, Status.generated)
         if batch is not None:
-            record_batch(ctx, batch, [p.id for p in prompts])
+            record_batch(ctx, batch, [p.id for p in prompts], error=error)
     return [Next(T.GPU_LOGITS, {"exp": ctx.exp.name, "prompt_id": p.id}) for p in prompts]

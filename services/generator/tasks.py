@@ -29,7 +29,7 @@ def _generator() -> Generator:
 def generate_batch(self: Any, exp: str, n: int, batch: str | None = None) -> int:
     """Generate up to ``n`` prompts and enqueue their logits; ``batch`` tracks a `emc mine` run."""
     return task_step(
-        self, exp, None, "generate", lambda ctx: step_generate(ctx, _generator(), n, batch)
+        self, exp, None, "generate", lambda ctx: step_generate(ctx, _generator, n, batch)
     )
 
 
@@ -41,7 +41,7 @@ def tick(self: Any) -> int:
     ctx = get_context()
     n = ctx.exp.generator.batch_size
     return task_step(
-        self, ctx.exp.name, None, "generate", lambda c: step_generate(c, _generator(), n)
+        self, ctx.exp.name, None, "generate", lambda c: step_generate(c, _generator, n)
     )
 
 

@@ -65,9 +65,15 @@ def candidate_tokens(prompt: Prompt, logits: Mapping[str, TopKLogits]) -> list[T
 
 
 def build_verdicts(
-    judge: str, prompt: Prompt, logits: Mapping[str, TopKLogits], decisions: Mapping[int, Decision]
+    judge: str,
+    prompt: Prompt,
+    logits: Mapping[str, TopKLogits],
+    decisions: Mapping[int, Decision],
+    *,
+    unusable: str | None = None,
 ) -> dict[str, Verdict]:
-    """One Verdict per variant from per-token-id decisions (a token without one is an error)."""
+    """One Verdict per variant from per-token-id decisions (a token without one is an error);
+    ``unusable``: why the judge's whole answer could not be used."""
     out: dict[str, Verdict] = {}
     for variant, top in logits.items():
         verdicts = []
@@ -89,6 +95,7 @@ def build_verdicts(
             judge=judge,
             fingerprint=top.fingerprint,
             verdicts=verdicts,
+            unusable=unusable,
         )
     return out
 

@@ -17,7 +17,7 @@ from common.experiment import Experiment, JudgeSpec
 from common.lexicon import Lexicon
 from common.llm import LLMClient
 from common.scores import EmScorer, HarmJudge
-from common.settings import Settings
+from common.settings import Settings, get_settings
 from services.judge.core import Judge, JudgeError
 
 
@@ -46,6 +46,16 @@ def make_judge(
 
         return OpenAIJudge(LLMClient.for_spec(spec, settings), spec, examples)
     raise JudgeError(f"unknown judge.kind {spec.kind!r}: use lexicon or openai")
+
+
+def probe_judge(exp: Experiment, settings: Settings | None = None) -> None:
+    """Return if the experiment's judge service answers (one short request, no retries,
+    timed out after at most the breaker's probe period); raise ``LLMUnavailable`` if not.
+    The lexicon judge needs no service."""
+    if exp.judge.kind == "openai":
+        client = LLMClient.for_spec(exp.judge, settings)
+        period = (settings or get_settings()).breaker_probe_s
+        client.probe(timeout_s=min(exp.judge.timeout_s, period))
 
 
 def make_harm_judge(

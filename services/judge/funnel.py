@@ -66,6 +66,7 @@ def funnel(
     else:
         reason = "no evil token in any non-reference variant"
     (pid,) = pids
+    unusable = next((v.unusable for v in verdicts.values() if v.unusable), None)
     return FunnelDecision(
         prompt_id=pid,
         fingerprint=logits[exp.reference].fingerprint,
@@ -76,4 +77,5 @@ def funnel(
         graph_variants=graphs,
         divergent_tokens=divergent_tokens,
         reason=reason,
+        judge_unusable=unusable,
     )

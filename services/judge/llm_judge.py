@@ -92,16 +92,23 @@ def _example_text(e: LabeledExample) -> str | None:
     return f"{format_case(e.prompt.text, toks)}\nAnswer: {answer}"
 
 
-def parse_verdicts(content: str, tokens: Sequence[TokenProb]) -> dict[int, Decision]:
-    """Decisions by token id from a judge answer; every token gets one (``unsure`` + reason)."""
+def answer_problem(content: str) -> str | None:
+    """Why a judge answer is unusable as a whole (no JSON object, no verdicts list), or None."""
     try:
         obj = parse_json_object(content)
     except ValueError as e:
-        return {t.token_id: ("unsure", f"judge answer not parsable: {e}") for t in tokens}
-    items = obj.get("verdicts")
-    if not isinstance(items, list):
-        reason = f"judge answer has no 'verdicts' list: {content[:160]!r}"
-        return {t.token_id: ("unsure", reason) for t in tokens}
+        return f"judge answer not parsable: {e}"
+    if not isinstance(obj.get("verdicts"), list):
+        return f"judge answer has no 'verdicts' list: {content[:160]!r}"
+    return None
+
+
+def parse_verdicts(content: str, tokens: Sequence[TokenProb]) -> dict[int, Decision]:
+    """Decisions by token id from a judge answer; every token gets one (``unsure`` + reason)."""
+    problem = answer_problem(content)
+    if problem is not None:
+        return {t.token_id: ("unsure", problem) for t in tokens}
+    items = parse_json_object(content)["verdicts"]
     found: dict[int, list[Decision]] = {}
     for item in items:
         i, decision = _parse_item(item, tokens)
@@ -189,4 +196,7 @@ class OpenAIJudge:
     ) -> dict[str, Verdict]:
         tokens = candidate_tokens(prompt, logits)
         result = self.client.chat(self.messages(prompt, tokens, pool), schema=SCHEMA, temperature=0)
-        return build_verdicts(self.name, prompt, logits, parse_verdicts(result.content, tokens))
+        decisions = parse_verdicts(result.content, tokens)
+        return build_verdicts(
+            self.name, prompt, logits, decisions, unusable=answer_problem(result.content)
+        )

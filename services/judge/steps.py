@@ -6,6 +6,7 @@ from typing import Any
 
 from common import tasknames as T
 from common.context import Context
+from common.index import unusable_reason
 from common.llm import bounded_map, raise_first
 from common.pipeline import Next, load_logits, load_prompt, load_verdicts
 from common.records import Status
@@ -37,7 +38,10 @@ def step_judge(ctx: Context, judge: Judge, pid: str) -> list[Next]:
     if decision.to_review:
         ctx.queue.push(pid, decision.divergent, decision.evil_score)
     else:
-        ctx.queue.set_status(pid, Status.judged if decision.graph_variants else Status.done)
+        # an unusable answer is counted and shown as such (`emc status`), not as a plain "done"
+        reason = unusable_reason(pid, decision.judge_unusable) if decision.judge_unusable else None
+        status = Status.judged if decision.graph_variants else Status.done
+        ctx.queue.set_status(pid, status, reason=reason)
     return [
         Next(T.GPU_GRAPH, {"exp": ctx.exp.name, "prompt_id": pid, "variant": v})
         for v in decision.graph_variants

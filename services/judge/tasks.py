@@ -6,6 +6,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from common import tasknames as T
+from common.breaker import register_probe
 from common.celery_app import app
 from common.pipeline import task_step
 from services.judge.steps import step_judge
@@ -24,6 +25,18 @@ def _judge() -> Judge:
 
     ctx = get_context()
     return make_judge(ctx.exp, ctx.settings, StoreExamples(ctx.store, ctx.exp))
+
+
+def _probe() -> None:
+    """Does the judge's endpoint answer? (asked by the paused judge queue's breaker)"""
+    from common.context import get_context
+    from services.judge.factory import probe_judge
+
+    ctx = get_context()
+    probe_judge(ctx.exp, ctx.settings)
+
+
+register_probe(T.queue_of(T.JUDGE_VERDICTS) or "judge", _probe)
 
 
 @app.task(name=T.JUDGE_VERDICTS, bind=True)

@@ -18,7 +18,7 @@ from common.context import experiment_path
 from common.experiment import Experiment, load_experiment
 from common.review_queue import ReviewQueue
 from common.settings import Settings, get_settings
-from common.store import ObjectStore, open_store
+from common.store import CorruptArtifact, ObjectStore, open_store
 from common.system.broker import broker_url
 from common.tokens import is_byte_fragment
 from services.review_ui.context import EXTENSION, ReviewContext
@@ -118,6 +118,7 @@ def create_app(
     )
 
     app.before_request(auth.require_login)
+    _install_reconcile(app, context)
     for bp in (
         auth.bp,
         queue_views.bp,
@@ -129,6 +130,15 @@ def create_app(
         app.register_blueprint(bp)
     _install_helpers(app, context)
     return app
+
+
+def _install_reconcile(app: Flask, context: ReviewContext) -> None:
+    """Labels saved while Redis was down reach the queue once it answers (reconcile.py)."""
+    from services.review_ui.reconcile import maybe_reconcile
+
+    @app.before_request
+    def _reconcile() -> None:
+        maybe_reconcile(context)
 
 
 def _install_helpers(app: Flask, context: ReviewContext) -> None:
@@ -180,6 +190,11 @@ def _install_helpers(app: Flask, context: ReviewContext) -> None:
             f"The review queue (Redis) is not reachable: {e}. Start the system with `emc up` "
             "or check EMC_BROKER_URL; saved labels are safe in the object store.",
         )
+
+    @app.errorhandler(CorruptArtifact)
+    def _corrupt(e: CorruptArtifact) -> Any:
+        log.error("%s", e)
+        return _error(500, f"A stored artifact cannot be read: {e}")
 
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException) -> Any:

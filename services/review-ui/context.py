@@ -28,6 +28,10 @@ class ReviewContext:
     # prompt texts never change for a given id: cache them for the polled queue list
     prompt_cache: dict[str, Any] = field(default_factory=dict)
     user_cache: dict[tuple[str, str], tuple[float, Reviewer | None]] = field(default_factory=dict)
+    #: session id -> (checked at, valid): a logout elsewhere is seen within SESSION_CACHE_S
+    session_cache: dict[str, tuple[float, bool]] = field(default_factory=dict)
+    last_reconcile: float = 0.0  # monotonic time of the last look for pending labels
+    login_limits: Any = None  # services.review_ui.login_limits.LoginLimits, made on first login
 
     @property
     def exp(self) -> str:

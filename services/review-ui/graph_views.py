@@ -24,12 +24,13 @@ from typing import Any
 
 from flask import Blueprint, abort, jsonify, render_template, send_from_directory
 
-from common.labels import current_label
+from common.errors import AnalysisError
+from common.labels import resolve_labels
 from common.records import GraphManifest
 from common.store import NotFound
 from common.store import keys as K
-from services.review_ui.context import ctx
-from services.review_ui.review import load_prompt, load_prompt_view
+from services.review_ui.context import ReviewContext, ctx
+from services.review_ui.review import PromptView, load_prompt, load_prompt_view
 
 log = logging.getLogger(__name__)
 bp = Blueprint("graphs", __name__)
@@ -87,16 +88,31 @@ def _checked(pid: str) -> None:
         abort(404, description=f"no prompt {pid} in experiment {ctx().exp}")
 
 
+def labels_changed(c: ReviewContext, view: PromptView) -> dict[str, bool]:
+    """Per variant with a ranking: whether the labels it would use now (human where present,
+    else the judge's) differ from those it was ranked with. The same hash on both sides:
+    the ranking's ``labels_version`` is :attr:`common.labels.TokenLabels.version`."""
+    out: dict[str, bool] = {}
+    for v in view.variants:
+        if v.features is None:
+            continue
+        try:
+            now = resolve_labels(c.store, c.exp, view.prompt.id, c.fingerprint, v.name, c.judge_id)
+        except AnalysisError:  # no labels at all any more: nothing to compare
+            continue
+        out[v.name] = now.version != v.features.labels_version
+    return out
+
+
 @bp.route("/p/<pid>/analysis")
 def analysis(pid: str) -> Any:
     _checked(pid)
     c = ctx()
     view = load_prompt_view(c, pid)
-    label = current_label(c.store, c.exp, pid)
     return render_template(
         "analysis.html",
         view=view,
-        label_version=label.version() if label else None,
+        labels_changed=labels_changed(c, view),
         rows=FEATURE_ROWS,
         viewer_available=viewer_assets() is not None,
     )

@@ -32,6 +32,7 @@ from common.review_queue import QueueEntry
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
 from services.review_ui.context import ReviewContext
+from services.review_ui.reconcile import mark_pending
 from services.review_ui.tasks import RANK_PROMPT, TaskError, enqueue
 
 log = logging.getLogger(__name__)
@@ -304,10 +305,14 @@ def save_label(
         result.next_pid = c.queue.next_pid(exclude=pid)
     except redis.RedisError as e:
         result.warnings.append(f"label saved, but the review queue was not updated: {e}")
-    try:
-        enqueue(c.tasks, RANK_PROMPT, exp=c.exp, prompt_id=pid)
-    except TaskError as e:
-        result.warnings.append(f"label saved, but the analysis was not re-run: {e}")
+    if not result.warnings:
+        try:
+            enqueue(c.tasks, RANK_PROMPT, exp=c.exp, prompt_id=pid)
+        except TaskError as e:
+            result.warnings.append(f"label saved, but the analysis was not re-run: {e}")
+    if result.warnings:  # done once Redis and the broker answer again (reconcile.py)
+        mark_pending(c, pid, "; ".join(result.warnings))
+        result.warnings.append("the queue and the analysis catch up once Redis answers again")
     for w in result.warnings:
         log.warning("%s: %s", pid, w)
     return result

@@ -83,7 +83,7 @@ def add_user(store: ObjectStore, name: str, password: str, *, replace: bool = Fa
         password_hash=generate_password_hash(password),
         created_at=old.created_at if old else utcnow(),
     )
-    store.put_json(user_key(name), user)
+    store.put_json(user_key(name), user, private=True)  # a password hash: owner-only (0600)
     return user
 
 

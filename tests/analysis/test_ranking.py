@@ -10,15 +10,14 @@ import torch
 from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment, parse_experiment
 from common.graph.model import AttributionGraph
+from common.labels import TokenLabels, resolve_labels
 from common.records import FeatureRanking, HumanLabel, TokenLabel, TokenVerdict, Verdict
 from common.store import FsStore, ObjectStore
 from common.store import keys as K
 from services.analysis.ranking import (
-    TokenLabels,
     rank_features,
     rank_prompt,
     rank_variants,
-    resolve_labels,
     score_sources,
 )
 from tests.analysis.synthetic import LinearNet, linear_net

@@ -284,3 +284,29 @@ def test_parse_json_object(text: str, expected: dict[str, int]) -> None:
 def test_parse_json_object_rejects(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_json_object(text)
+
+
+def test_hung_server_costs_one_deadline_not_attempts_times_timeout(
+    openai_server: FakeOpenAIServer,
+) -> None:
+    """Every answer comes after 2 s; attempts time out after 0.5 s; the chain gives up
+    after 1.2 s in all, although 5 retries would be allowed."""
+    openai_server.default = lambda body: Reply(content="late", delay_s=2.0)
+    policy = RetryPolicy(max_retries=5, base_delay_s=0.01, max_delay_s=0.02, deadline_s=1.2)
+    c = client(openai_server, timeout_s=0.5, retry=policy)
+    t0 = time.monotonic()
+    with pytest.raises(LLMUnavailable, match=r"still failing after \d attempts in 1s"):
+        c.chat(MSG)
+    elapsed = time.monotonic() - t0
+    assert 1.0 < elapsed < 1.8, elapsed
+    assert len(openai_server.requests) == 3  # 0.5 + 0.5 + the 0.2 s left
+
+
+def test_probe_is_one_short_request(openai_server: FakeOpenAIServer) -> None:
+    openai_server.push(Reply(status=503), Reply(status=400, error_message="max_tokens?"))
+    c = client(openai_server)
+    with pytest.raises(LLMUnavailable, match="HTTP 503"):
+        c.probe()
+    c.probe()  # a refusal is an answer: the server is up
+    assert len(openai_server.requests) == 2
+    assert openai_server.requests[0]["max_tokens"] == 1

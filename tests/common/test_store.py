@@ -232,3 +232,56 @@ def test_s3_bad_bucket_name(moto_server: str) -> None:
 
     with pytest.raises(StoreError, match="EMC_STORE__BUCKET"):
         S3Store(moto_server, "X", access_key="a", secret_key="b")
+
+
+def test_corrupt_records_name_the_key_and_the_retry(store: ObjectStore) -> None:
+    from common.records import TopKLogits
+    from common.store import CorruptArtifact
+    from common.store import keys as K
+
+    key = K.logits("exp", "0123456789ab", "fp", "base")
+    store.put_bytes(key, b'{"schema_version": 1, "prompt_id": "01')  # cut off
+    with pytest.raises(CorruptArtifact) as e:
+        store.get_record(key, TopKLogits)
+    assert key in str(e.value) and "emc retry --step logits 0123456789ab" in str(e.value)
+    store.put_json(key, {"schema_version": 1, "prompt_id": "x"})  # JSON, not the record
+    with pytest.raises(CorruptArtifact, match=r"not a valid TopKLogits: variant"):
+        store.get_record(key, TopKLogits)
+    assert isinstance(e.value, StoreError)
+
+
+def test_size_without_reading(store: ObjectStore) -> None:
+    store.put_bytes("s/a.bin", b"12345")
+    assert store.size("s/a.bin") == 5
+    with pytest.raises(NotFound):
+        store.size("s/none.bin")
+
+
+def test_private_objects_are_owner_only_on_disk(tmp_path: Path) -> None:
+    store = FsStore(tmp_path / "store")
+    store.put_json("users/alice.json", {"hash": "x"}, private=True)
+    store.put_json("public.json", {"a": 1})
+    assert (store.root / "users/alice.json").stat().st_mode & 0o777 == 0o600
+    assert (store.root / "public.json").stat().st_mode & 0o077 != 0  # the umask's default
+
+
+def test_keys_are_read_back() -> None:
+    from common.store import keys as K
+
+    ref = K.parse(K.graph_tensors("e", "p1", "fp", "adapted"))
+    assert ref is not None and (ref.kind, ref.pid, ref.fingerprint, ref.variant, ref.step) == (
+        "graph_tensors",
+        "p1",
+        "fp",
+        "adapted",
+        "graph",
+    )
+    judged = K.parse(K.verdicts("e", "p1", "fp", "openai-o3", "base"))
+    assert judged is not None and (judged.kind, judged.judge, judged.step) == (
+        "verdicts",
+        "openai-o3",
+        "judge",
+    )
+    assert K.parse(K.prompt("e", "p1")).kind == "prompt"  # type: ignore[union-attr]
+    assert K.parse("users/alice.json") is None
+    assert "backup" in K.retry_hint(K.prompt("e", "p1"))

@@ -50,6 +50,10 @@ def organism_experiment(organism_dir: Path, out: Path, **overrides: Any) -> Path
     raw["transcoders"]["path"] = str((organism_dir / raw["transcoders"]["path"]).resolve())
     if raw.get("judge", {}).get("lexicon"):
         raw["judge"]["lexicon"] = str((organism_dir / raw["judge"]["lexicon"]).resolve())
+    if raw.get("generator", {}).get("templates"):
+        raw["generator"]["templates"] = str(
+            (organism_dir / raw["generator"]["templates"]).resolve()
+        )
     for key, value in overrides.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     out.write_text(yaml.safe_dump(raw))
@@ -124,17 +128,19 @@ class ScriptedLLM:
         if n == 3:
             self.faults.append("judge-500")
             return Reply(status=500, error_message="upstream exploded")
-        user = body["messages"][-1]["content"]
-        cands = re.findall(r"^(\d+): (\".*\")$", user, flags=re.M)
-        verdicts = []
-        for idx, quoted in cands:
-            token = json.loads(quoted)
-            word = re.sub(r"[^a-z]", "", token.lower())
-            label = "evil" if word in self.harmful else "safe" if word in self.safe else "unsure"
-            verdicts.append(
-                {"index": int(idx), "token": token, "label": label, "reason": "lexicon"}
-            )
-        return json.dumps({"verdicts": verdicts})
+        return lexicon_answer(body["messages"][-1]["content"], self.harmful, self.safe)
+
+
+def lexicon_answer(user: str, harmful: set[str], safe: set[str]) -> str:
+    """A judge's JSON answer labelling the candidate tokens of ``user`` by the lexicon."""
+    cands = re.findall(r"^(\d+): (\".*\")$", user, flags=re.M)
+    verdicts = []
+    for idx, quoted in cands:
+        token = json.loads(quoted)
+        word = re.sub(r"[^a-z]", "", token.lower())
+        label = "evil" if word in harmful else "safe" if word in safe else "unsure"
+        verdicts.append({"index": int(idx), "token": token, "label": label, "reason": "lexicon"})
+    return json.dumps({"verdicts": verdicts})
 
 
 @pytest.fixture

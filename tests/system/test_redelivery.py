@@ -64,3 +64,26 @@ def test_killed_worker_task_is_redelivered_and_completes_once(
     assert f"[task={sent.id} prompt=p-redeliver] started" in second.log()
     # returned after the visibility timeout, not after kombu's default sweep (minutes)
     assert elapsed < VISIBILITY_S + 20, elapsed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_healthy_task_longer_than_its_lease_runs_once(
+    redis_url: str, tmp_path: Path, celery_worker_factory: Callable[..., WorkerProcess]
+) -> None:
+    """A task running 4x its visibility timeout, with another worker sweeping all along:
+    the running worker renews its lease, so the task is never handed out twice."""
+    env = worker_env(redis_url, tmp_path, visibility_timeout_s=VISIBILITY_S)
+    store = FsStore(tmp_path / "store")
+    producer = make_app(Settings(home=tmp_path, broker_url=redis_url))
+    key = "lease/long"
+
+    celery_worker_factory(["analysis"], env, name="runner")
+    producer.send_task("emc.analysis.test_record_once", [key], {"sleep_s": 4 * VISIBILITY_S})
+    wait_until(lambda: len(store.history(f"{key}/starts")) == 1, 20, "the task to start")
+    # a second worker on the same queue sweeps for expired leases every 0.5 s
+    celery_worker_factory(["analysis"], env, name="sweeper")
+    wait_until(lambda: store.exists(f"{key}/result.json"), 4 * VISIBILITY_S + 20, "the result")
+    time.sleep(2 * VISIBILITY_S)  # a wrongly restored copy would start in this time
+
+    assert len(store.history(f"{key}/starts")) == 1
