@@ -7,7 +7,7 @@ Prints two figures, each against a baseline measured in the same run:
    which is what the pipeline attributes). The pipeline time runs from enqueueing
    ``emc.gpu.graph`` tasks on a warm GPU worker (a real Celery worker process over a real
    Redis) until every graph manifest is in the store: Celery, the health probes, encoding
-   and store writes are all inside. The top-k logits come first, from ``emc.gpu.logits``
+   and store writes are all inside. The top-k logits come first, from ``emc.gpu_fast.logits``
    tasks as in the real flow (a step of its own for every prompt, graphed or not; its time
    per prompt is printed too). The bare baseline runs in the same worker process
    (``bench/worker_tasks.py``: same heap, threads and caches, no emc code around
@@ -57,7 +57,9 @@ def main() -> None:
     ap.add_argument("--home", type=Path, default=None)
     args = ap.parse_args()
 
+    from bench.system import free_port
     from bench.worker_tasks import Item, bare_attribute
+    from common import tasknames as T
     from common.context import make_context
     from common.organism import ensure_organism
     from common.pipeline import Next, send_all
@@ -71,7 +73,7 @@ def main() -> None:
 
     org = ensure_organism(get_settings().home / "organism")
     home = args.home or Path(tempfile.mkdtemp(prefix="emc-bench-"))
-    redis = start_redis_server(_free_port(), home / "redis", appendonly=False)
+    redis = start_redis_server(free_port(), home / "redis", appendonly=False)
     store_settings = StoreSettings(kind="fs", root=home / "store")
     exp_path = org / "experiment.yaml"
     settings = Settings(home=home, broker_url=redis.url, store=store_settings, experiment=exp_path)
@@ -94,7 +96,10 @@ def main() -> None:
     }
     proc = spawn(
         worker_argv(
-            ["gpu"], hostname="bench-gpu@bench", pool="solo", include=["bench.worker_tasks"]
+            list(T.GPU_QUEUES),
+            hostname="bench-gpu@bench",
+            pool="solo",
+            include=["bench.worker_tasks"],
         ),
         env=env,
         log_path=home / "gpu.log",
@@ -121,7 +126,7 @@ def main() -> None:
     def logits(pids: list[str]) -> float:
         """Seconds until the top-k of every variant of these prompts is stored."""
         t0 = time.perf_counter()
-        send_all(ctx, [Next("emc.gpu.logits", {"exp": exp.name, "prompt_id": p}) for p in pids])
+        send_all(ctx, [Next(T.GPU_LOGITS, {"exp": exp.name, "prompt_id": p}) for p in pids])
         wait([K.logits(exp.name, p, fp, v) for p in pids for v in variants], "logits")
         return time.perf_counter() - t0
 
@@ -131,7 +136,7 @@ def main() -> None:
         send_all(
             ctx,
             [
-                Next("emc.gpu.graph", {"exp": exp.name, "prompt_id": p, "variant": v})
+                Next(T.GPU_GRAPH, {"exp": exp.name, "prompt_id": p, "variant": v})
                 for p in pids
                 for v in variants
             ],
@@ -211,14 +216,6 @@ def main() -> None:
     print(f"GPU worker RSS after 5     : {rss[5]:8.1f} MB")
     print(f"GPU worker RSS after {n_last:<6}: {rss[n_last]:8.1f} MB")
     print(f"memory ratio {n_last}/5          : {rss[n_last] / rss[5]:8.3f}   (goal <= 1.10)")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ def main() -> None:
     import redis as redis_lib
     import yaml
 
+    from bench.system import free_port, wait_workers
+    from common import tasknames as T
     from common.breaker import Breaker
     from common.context import make_context
     from common.organism import ensure_organism
@@ -61,7 +63,7 @@ def main() -> None:
 
     org = ensure_organism(get_settings().home / "organism")
     home = args.home or Path(tempfile.mkdtemp(prefix="emc-recovery-"))
-    server_redis = start_redis_server(_free_port(), home / "redis", appendonly=False)
+    server_redis = start_redis_server(free_port(), home / "redis", appendonly=False)
     lex = json.loads((org / "lexicon.json").read_text())
     judge = _Judge(set(lex["harmful"]), set(lex["safe"]))
     llm = FakeOpenAIServer(default=judge).start()
@@ -88,7 +90,7 @@ def main() -> None:
 
     for q in QUEUES:
         start(q, q)
-    _wait_workers(server_redis.url, [f"{q}@bench" for q in QUEUES])
+    wait_workers(server_redis.url, [f"{q}@bench" for q in QUEUES])
     doc = json.loads((org / "prompts.json").read_text())
     medical = [p["text"] for p in doc["prompts"] if p["domain"] == "medical"]
     others = [p["text"] for p in doc["prompts"] if p["domain"] != "medical"]
@@ -100,7 +102,7 @@ def main() -> None:
             ctx.store.put_new(K.prompt(ctx.exp.name, p.id), dumps(p))
             ctx.queue.set_status(p.id, Status.generated)
             pids.append(p.id)
-        send_all(ctx, (Next("emc.gpu.logits", {"exp": ctx.exp.name, "prompt_id": p}) for p in pids))
+        send_all(ctx, [Next(T.GPU_LOGITS_BATCH, {"exp": ctx.exp.name, "prompt_ids": pids})])
         return pids
 
     def final(pids: list[str], timeout_s: float) -> float:
@@ -127,7 +129,7 @@ def main() -> None:
         base = submit(medical[:1])
         healthy = final(base, 600) - t0
         (pid,) = submit(medical[1:2])
-        while not any(b"emc.gpu.graph" in v and pid.encode() in v for v in r.hvals("unacked")):
+        while not any(T.GPU_GRAPH.encode() in v and pid.encode() in v for v in r.hvals("unacked")):
             time.sleep(0.05)
         kill_group(workers["gpu"])
         killed = time.monotonic()
@@ -214,42 +216,13 @@ class _Judge:
 def _experiment(org: Path, out: Path, yaml: Any) -> Path:
     """The organism's experiment (absolute paths) with an OpenAI-compatible judge, every
     judge setting left at its default."""
-    raw = yaml.safe_load((org / "experiment.yaml").read_text())
-    for spec in raw["variants"].values():
-        for field in ("model", "adapter"):
-            if spec.get(field):
-                spec[field] = str((org / spec[field]).resolve())
-    raw["transcoders"]["path"] = str((org / raw["transcoders"]["path"]).resolve())
-    raw["generator"]["templates"] = str((org / raw["generator"]["templates"]).resolve())
-    raw["name"] = "recovery"
-    raw["judge"] = {"kind": "openai", "model": "bench-judge"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(raw))
-    return out
+    from bench.system import organism_experiment
 
-
-def _wait_workers(url: str, hostnames: list[str], timeout_s: float = 180) -> None:
-    from celery import Celery
-
-    ctl = Celery("bench-control", broker=url, set_as_current=False)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            replies = ctl.control.ping(timeout=1.0) or []
-            seen = {h for r in replies for h in r}
-            if set(hostnames) <= seen:
-                return
-        raise SystemExit(f"workers not ready in {timeout_s:.0f}s")
-    finally:
-        ctl.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    path = organism_experiment(org, out, yaml, name="recovery")
+    doc = yaml.safe_load(path.read_text())
+    doc["judge"] = {"kind": "openai", "model": "bench-judge"}  # replaced, not merged
+    path.write_text(yaml.safe_dump(doc))
+    return path
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ def configure(app: Celery, settings: Settings) -> None:
         "visibility_timeout": settings.visibility_timeout_s,
         "unacked_restore_interval": settings.unacked_restore_s,
         "unacked_restore_throttle": settings.unacked_restore_throttle,
+        # a worker on several queues takes from the first non-empty one in order (gpu_fast
+        # before gpu), not round robin: fast work is never behind a waiting graph
+        "queue_order_strategy": "priority",
     }
     app.conf.update(
         broker_url=broker_url(settings),

@@ -103,10 +103,16 @@ class AttributionLimits(_Strict):
         "with the square of the prompt's length (see graph_memory_bytes). Not in the "
         "fingerprint: it decides which prompts run, not what they compute",
     )
+    logits_batch_size: int = Field(
+        default=32,
+        gt=0,
+        description="top-k logits: prompts per padded forward pass. Not in the fingerprint: "
+        "batched and single passes give the same top-k (tests/attribution/test_topk_batch.py)",
+    )
 
     def computed(self) -> dict[str, float | int | str | None]:
         """The limits that change a graph's numbers (fingerprint, graph manifests)."""
-        return self.model_dump(exclude={"max_prompt_tokens"})
+        return self.model_dump(exclude={"max_prompt_tokens", "logits_batch_size"})
 
     def graph_memory_bytes(
         self, n_tokens: int, *, n_layers: int, n_heads: int, d_model: int, dtype_bytes: int

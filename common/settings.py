@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     generate_every_s: float = Field(
         default=30.0, gt=0, description="streaming: how often beat asks the generator for a batch"
     )
+    gpu_lanes: Literal["split", "shared"] = Field(
+        default="split",
+        description="`emc up`: 'split' runs one GPU worker per lane (gpu_fast: top-k, "
+        "continuations, steering; gpu: graphs), so new prompts never wait for a running graph "
+        "(each process loads the models); 'shared' runs one GPU worker serving both, fast lane "
+        "first (one copy of the models; a fast task waits at most for the graph in progress)",
+    )
     store: StoreSettings = Field(default_factory=StoreSettings)
     experiment: Path | None = Field(
         default=None, description="experiment YAML; unset = the toy model organism"

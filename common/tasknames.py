@@ -7,15 +7,21 @@ that defines each task is listed next to it.
 
 from __future__ import annotations
 
-QUEUES: tuple[str, ...] = ("generate", "judge", "gpu", "analysis")
-"""The Celery queues, one per service (see docs/architecture.md)."""
+QUEUES: tuple[str, ...] = ("generate", "judge", "gpu_fast", "gpu", "analysis")
+"""The Celery queues, one per service, and the GPU's two lanes (see docs/architecture.md)."""
+
+GPU_QUEUES: tuple[str, ...] = ("gpu_fast", "gpu")
+"""The GPU lanes, fast first: ``gpu_fast`` holds the short forward passes that feed the review
+queue (top-k, continuations, steering samples); ``gpu`` holds attribution graphs. A worker
+serving both lists ``gpu_fast`` first, so its next task is a fast one whenever one waits."""
 
 GENERATE_BATCH = "emc.generate.batch"  # services.generator.tasks
 GENERATE_TICK = "emc.generate.tick"  # services.generator.tasks (beat)
-GPU_LOGITS = "emc.gpu.logits"  # services.attribution.tasks
+GPU_LOGITS = "emc.gpu_fast.logits"  # services.attribution.tasks (one prompt: retries, redrive)
+GPU_LOGITS_BATCH = "emc.gpu_fast.logits_batch"  # services.attribution.tasks (a generated batch)
 GPU_GRAPH = "emc.gpu.graph"  # services.attribution.tasks
-GPU_CONTINUATIONS = "emc.gpu.sample_continuations"  # services.attribution.tasks
-GPU_STEER = "emc.gpu.steer"  # services.analysis.tasks (sampling through attribution's runtime)
+GPU_CONTINUATIONS = "emc.gpu_fast.sample_continuations"  # services.attribution.tasks
+GPU_STEER = "emc.gpu_fast.steer"  # services.analysis.tasks (sampling via attribution's runtime)
 JUDGE_VERDICTS = "emc.judge.verdicts"  # services.judge.tasks
 JUDGE_HARM = "emc.judge.harm"  # services.judge.tasks (continuations of a steering run)
 ANALYSIS_RANK = "emc.analysis.rank_prompt"  # services.analysis.tasks

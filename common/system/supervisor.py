@@ -27,7 +27,7 @@ from types import FrameType
 from typing import TextIO
 
 from common.settings import Settings
-from common.tasknames import QUEUES
+from common.tasknames import GPU_QUEUES, QUEUES
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,8 @@ def worker_argv(
     log_level: str = "INFO",
     include: Sequence[str] = (),
 ) -> list[str]:
-    """A Celery worker: one task at a time; the GPU queue in-process (solo pool) by default."""
-    pool = pool or ("solo" if list(queues) == ["gpu"] else "prefork")
+    """A Celery worker: one task at a time; GPU lanes in-process (solo pool) by default."""
+    pool = pool or ("solo" if set(queues) <= set(GPU_QUEUES) else "prefork")
     argv = [
         sys.executable,
         "-m",
@@ -202,6 +202,21 @@ def worker_argv(
     return argv
 
 
+def worker_groups(queues: Sequence[str], gpu_lanes: str) -> list[list[str]]:
+    """One worker per queue; with ``gpu_lanes="shared"`` one worker serves both GPU lanes
+    (fast lane first)."""
+    if gpu_lanes != "shared" or not set(GPU_QUEUES) <= set(queues):
+        return [[q] for q in queues]
+    groups: list[list[str]] = []
+    for q in queues:
+        if q in GPU_QUEUES:
+            if list(GPU_QUEUES) not in groups:
+                groups.append(list(GPU_QUEUES))
+        else:
+            groups.append([q])
+    return groups
+
+
 def embedded_processes(
     settings: Settings,
     *,
@@ -220,14 +235,14 @@ def embedded_processes(
     env = child_env(settings, broker_url)
     specs = [
         ProcessSpec(
-            name=f"worker-{q}",
-            argv=worker_argv([q], log_level=settings.log_level),
+            name=f"worker-{'-'.join(group)}",
+            argv=worker_argv(group, log_level=settings.log_level),
             env=env,
-            log_path=logs / f"worker-{q}.log",
+            log_path=logs / f"worker-{'-'.join(group)}.log",
             # warm shutdown (finish the task), then cold (cancel it: acks_late requeues it)
             stop_signals=(signal.SIGTERM, signal.SIGQUIT),
         )
-        for q in queues
+        for group in worker_groups(queues, settings.gpu_lanes)
     ]
     if beat:
         # in-memory scheduler: no pickled schedule file; periodic tasks restart with beat

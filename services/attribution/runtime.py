@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,59 @@ class Runtime:
         """The k most likely next tokens, from the model and tokenization that make graphs."""
         pid = prompt_id(text)
         ids = self.tokenize(text, variant)
-        last = self.checked_logits(ids, variant, pid=pid)
+        return self._top_k_record(pid, variant, ids, self.checked_logits(ids, variant, pid=pid), k)
+
+    def top_k_many(
+        self,
+        texts: Sequence[str],
+        variant: str,
+        *,
+        k: int | None = None,
+        batch_size: int | None = None,
+    ) -> list[TopKLogits | PromptFailure]:
+        """:meth:`top_k` of many prompts, ``batch_size`` (the experiment's
+        ``logits_batch_size``) per padded forward pass, in the order given.
+
+        The result is the single-prompt one (same ids; probabilities equal up to float
+        rounding). A batch whose health checks fail is redone one prompt at a time, so each
+        sick prompt gets its own reason (a :class:`PromptFailure` in its place) and the
+        others their top-k.
+        """
+        size = batch_size or self.exp.attribution.logits_batch_size
+        out: list[TopKLogits | PromptFailure | None] = [None] * len(texts)
+        todo: list[tuple[int, str, list[int]]] = []
+        for i, text in enumerate(texts):
+            try:
+                todo.append((i, prompt_id(text), self.tokenize(text, variant)))
+            except PromptFailure as e:
+                out[i] = e
+        todo.sort(key=lambda t: len(t[2]))  # similar lengths together: little padding
+        model = self.variant(variant).model
+        pad = ct.pad_token_id(model)
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            try:
+                with health.probe(model) as report:
+                    last = ct.forward_last_logits(model, [ids for _, _, ids in chunk], pad)
+                health.check_forward(
+                    report, last, max_norm=self.exp.attribution.max_activation_norm, variant=variant
+                )
+            except PromptFailure:
+                for i, pid, ids in chunk:
+                    try:
+                        logits = self.checked_logits(ids, variant, pid=pid)
+                        out[i] = self._top_k_record(pid, variant, ids, logits, k)
+                    except PromptFailure as e:
+                        out[i] = e
+                continue
+            last = last.float().cpu()
+            for row, (i, pid, ids) in enumerate(chunk):
+                out[i] = self._top_k_record(pid, variant, ids, last[row], k)
+        return [r for r in out if r is not None]
+
+    def _top_k_record(
+        self, pid: str, variant: str, ids: list[int], last: torch.Tensor, k: int | None
+    ) -> TopKLogits:
         probs = torch.softmax(last, dim=-1)
         top = torch.topk(probs, k or self.exp.top_k)
         return TopKLogits(

@@ -15,7 +15,7 @@ from common import tasknames as T
 from common.context import Context
 from common.errors import PromptFailure
 from common.graph.artifact import delete_graph, graph_exists, graph_problem, graphs_done, save_graph
-from common.pipeline import Next, load_prompt
+from common.pipeline import Next, clear_failure, load_prompt, record_failure
 from common.prompt_check import InvalidPrompt, check_prompt
 from common.records import GraphManifest, Prompt, Status, TopKLogits
 from common.store import NotFound, ObjectStore, keys
@@ -38,6 +38,33 @@ def compute_logits(
         store.put_json(keys.logits(exp.name, prompt.id, runtime.fingerprint, variant), topk)
         out.append(topk)
     return out
+
+
+def compute_logits_many(
+    runtime: Runtime, store: ObjectStore, prompts: list[Prompt], variants: list[str] | None = None
+) -> dict[str, PromptFailure]:
+    """:func:`compute_logits` of many prompts in padded batches
+    (:meth:`Runtime.top_k_many`): the top-k of every prompt that ran, stored; the failure
+    of every prompt that did not, by prompt id (a prompt failing in one variant is not run
+    in the next)."""
+    exp = runtime.exp
+    failed: dict[str, PromptFailure] = {}
+    for variant in variants or exp.variant_names:
+        todo = [
+            p
+            for p in prompts
+            if p.id not in failed
+            and not store.exists(keys.logits(exp.name, p.id, runtime.fingerprint, variant))
+        ]
+        results = runtime.top_k_many([p.text for p in todo], variant)
+        for prompt, result in zip(todo, results, strict=True):
+            if isinstance(result, PromptFailure):
+                failed[prompt.id] = result
+            else:
+                store.put_json(
+                    keys.logits(exp.name, prompt.id, runtime.fingerprint, variant), result
+                )
+    return failed
 
 
 def compute_graph(
@@ -115,6 +142,40 @@ def step_logits(ctx: Context, runtime: Runtime, pid: str) -> list[Next]:
         compute_logits(runtime, ctx.store, prompt, missing)
     ctx.queue.set_status(pid, Status.logits)
     return [Next(T.JUDGE_VERDICTS, {"exp": ctx.exp.name, "prompt_id": pid})]
+
+
+def step_logits_batch(ctx: Context, runtime: Runtime, pids: list[str]) -> list[Next]:
+    """:func:`step_logits` of a generated batch, in padded forward passes. Each prompt ends
+    as the single-prompt step would end it: its top-k stored and the judge next, or its own
+    failure recorded (retried, as every failure, by the single-prompt task)."""
+    exp = ctx.exp
+    prompts: list[Prompt] = []
+    for pid in dict.fromkeys(pids):  # a redelivered or duplicated id runs once
+        try:
+            prompt = load_prompt(ctx, pid)
+            validate_prompt(runtime, prompt.text, exp.attribution.max_prompt_tokens)
+        except InvalidPrompt as e:
+            _record_logits_failure(ctx, PromptFailure("validate", str(e)), pid)
+            continue
+        except PromptFailure as e:
+            _record_logits_failure(ctx, e, pid)
+            continue
+        prompts.append(prompt)
+    failed = compute_logits_many(runtime, ctx.store, prompts)
+    nexts = []
+    for prompt in prompts:
+        if prompt.id in failed:
+            _record_logits_failure(ctx, failed[prompt.id], prompt.id)
+            continue
+        clear_failure(ctx, prompt.id, "logits")
+        ctx.queue.set_status(prompt.id, Status.logits)
+        nexts.append(Next(T.JUDGE_VERDICTS, {"exp": exp.name, "prompt_id": prompt.id}))
+    return nexts
+
+
+def _record_logits_failure(ctx: Context, failure: PromptFailure, pid: str) -> None:
+    retry = Next(T.GPU_LOGITS, {"exp": ctx.exp.name, "prompt_id": pid})
+    record_failure(ctx, failure, pid, step_name="logits", retry=retry)
 
 
 def step_graph(ctx: Context, runtime: Runtime, pid: str, variant: str) -> list[Next]:

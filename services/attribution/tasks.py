@@ -1,7 +1,8 @@
-"""GPU tasks (queue ``gpu``): thin shells over :mod:`.steps` and the runtime.
+"""GPU tasks: thin shells over :mod:`.steps` and the runtime.
 
-A GPU worker runs one task at a time (``-c 1``, prefetch 1) and loads each variant's model
-once per process (:func:`services.attribution.runtime.get_runtime` caches it).
+Two lanes (:data:`common.tasknames.GPU_QUEUES`): ``gpu_fast`` (top-k, continuations) and
+``gpu`` (graphs). A GPU worker runs one task at a time (``-c 1``, prefetch 1) and loads each
+variant's model once per process (:func:`services.attribution.runtime.get_runtime`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ def logits(self: Any, exp: str, prompt_id: str) -> int:
 
     return task_step(
         self, exp, prompt_id, "logits", lambda ctx: step_logits(ctx, _runtime(ctx), prompt_id)
+    )
+
+
+@app.task(name=T.GPU_LOGITS_BATCH, bind=True)
+def logits_batch(self: Any, exp: str, prompt_ids: list[str]) -> int:
+    """Top-k logits of a generated batch in padded forward passes, then the judge for each.
+    Per-prompt failures are recorded by the step; an error of the whole batch is retried or
+    raised as any task's (its prompts stay ``generated``: ``emc retry`` re-drives them)."""
+    from services.attribution.steps import step_logits_batch
+
+    return task_step(
+        self,
+        exp,
+        None,
+        "logits",
+        lambda ctx: step_logits_batch(ctx, _runtime(ctx), list(prompt_ids)),
     )
 
 

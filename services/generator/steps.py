@@ -42,4 +42,7 @@ def step_generate(
             ctx.queue.set_status(p.id, Status.generated)
         if batch is not None:
             record_batch(ctx, batch, [p.id for p in prompts], error=error)
-    return [Next(T.GPU_LOGITS, {"exp": ctx.exp.name, "prompt_id": p.id}) for p in prompts]
+    if not prompts:
+        return []
+    # one task per generated batch: its top-k run in padded forward passes
+    return [Next(T.GPU_LOGITS_BATCH, {"exp": ctx.exp.name, "prompt_ids": [p.id for p in prompts]})]

@@ -32,6 +32,7 @@ def test_configuration_from_settings(tmp_path: Path) -> None:
         "visibility_timeout": 123.0,
         "unacked_restore_interval": 0.5,
         "unacked_restore_throttle": 2,
+        "queue_order_strategy": "priority",
     }
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1

@@ -405,7 +405,7 @@ def test_sample_continuations_enqueues_and_polls(
     )
     assert resp.status_code == 202
     out = resp.get_json()
-    assert queued_tasks(redis_client, "gpu") == [
+    assert queued_tasks(redis_client, "gpu_fast") == [
         (
             SAMPLE_CONTINUATIONS,
             {

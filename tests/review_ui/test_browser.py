@@ -180,7 +180,7 @@ def test_label_prompts_with_the_keyboard(
     page.wait_for_url(re.compile(f"/p/{low.pid}"))
     page.keyboard.press("c")  # cursor on base " rest"
     page.wait_for_selector("#samples-state:has-text('waiting')", timeout=10_000)
-    assert queued_tasks(redis_client, "gpu") == [
+    assert queued_tasks(redis_client, "gpu_fast") == [
         (
             SAMPLE_CONTINUATIONS,
             {"exp": experiment.name, "prompt_id": low.pid, "variant": "base",

@@ -23,6 +23,7 @@ import pytest
 import redis
 import yaml
 
+from common import tasknames as T
 from common.batches import statuses
 from common.cli.pipeline import mine_batch
 from common.context import Context, make_context
@@ -37,7 +38,13 @@ from tests.fixtures.servers import WorkerProcess, wait_until, worker_env
 
 pytestmark = pytest.mark.slow
 
-QUEUES = ("generate", "judge", "gpu", "analysis")
+#: one worker per service; the GPU worker serves both lanes (fast first), as ``gpu_lanes: shared``
+WORKERS: dict[str, list[str]] = {
+    "generate": ["generate"],
+    "judge": ["judge"],
+    "gpu": list(T.GPU_QUEUES),
+    "analysis": ["analysis"],
+}
 
 
 def organism_experiment(organism_dir: Path, out: Path, **overrides: Any) -> Path:
@@ -69,10 +76,15 @@ def start_workers(
     factory: Callable[..., WorkerProcess], env: dict[str, str]
 ) -> dict[str, WorkerProcess]:
     return {
-        q: factory(
-            [q], env, include=(), pool="solo" if q == "gpu" else None, name=q, ready_timeout_s=90
+        name: factory(
+            queues,
+            env,
+            include=(),
+            pool="solo" if name == "gpu" else None,
+            name=name,
+            ready_timeout_s=90,
         )
-        for q in QUEUES
+        for name, queues in WORKERS.items()
     }
 
 
@@ -280,18 +292,20 @@ def test_gpu_worker_killed_during_graph(
         prompt = Prompt.new(text, source="test")
         ctx.store.put_new(K.prompt("fault", prompt.id), dumps(prompt))
         pids.append(prompt.id)
-    send_all(ctx, (Next("emc.gpu.logits", {"exp": "fault", "prompt_id": pid}) for pid in pids))
+    send_all(ctx, (Next(T.GPU_LOGITS, {"exp": "fault", "prompt_id": pid}) for pid in pids))
 
     r = redis.Redis.from_url(redis_url)
 
     def graph_in_flight() -> bool:
-        return any(b"emc.gpu.graph" in v for v in r.hvals("unacked"))
+        return any(T.GPU_GRAPH.encode() in v for v in r.hvals("unacked"))
 
     wait_until(graph_in_flight, 180, "a graph task taken by the GPU worker")
     workers["gpu"].kill()
-    killed_task = [json.loads(v) for v in r.hvals("unacked") if b"emc.gpu.graph" in v]
+    killed_task = [json.loads(v) for v in r.hvals("unacked") if T.GPU_GRAPH.encode() in v]
     assert killed_task, "the killed worker's graph task must stay unacknowledged"
-    celery_worker_factory(["gpu"], env, include=(), pool="solo", name="gpu2", ready_timeout_s=90)
+    celery_worker_factory(
+        list(T.GPU_QUEUES), env, include=(), pool="solo", name="gpu2", ready_timeout_s=90
+    )
 
     result = wait_final(ctx, pids, timeout_s=300)
     assert all(s in FINAL for s in result.values()), result

@@ -27,6 +27,7 @@ import pytest
 import redis
 from typer.testing import CliRunner, Result
 
+from common import tasknames as T
 from common.breaker import Breaker
 from common.context import Context, make_context
 from common.pipeline import FINAL, Next, send_all
@@ -67,7 +68,7 @@ def submit(ctx: Context, texts: list[str]) -> list[str]:
         ctx.store.put_new(K.prompt(ctx.exp.name, prompt.id), dumps(prompt))
         ctx.queue.set_status(prompt.id, Status.generated)
         pids.append(prompt.id)
-    send_all(ctx, (Next("emc.gpu.logits", {"exp": ctx.exp.name, "prompt_id": p}) for p in pids))
+    send_all(ctx, [Next(T.GPU_LOGITS_BATCH, {"exp": ctx.exp.name, "prompt_ids": pids})])
     return pids
 
 
@@ -105,7 +106,7 @@ def test_gpu_worker_killed_mid_graph_recovers_within_two_minutes_with_production
     r = redis.Redis.from_url(redis_url)
 
     def graph_messages() -> list[dict[str, Any]]:
-        return [json.loads(v)[0] for v in r.hvals("unacked") if b"emc.gpu.graph" in v]
+        return [json.loads(v)[0] for v in r.hvals("unacked") if T.GPU_GRAPH.encode() in v]
 
     wait_until(lambda: bool(graph_messages()), 240, "a graph task taken by the GPU worker")
     (held,) = graph_messages()
@@ -114,7 +115,9 @@ def test_gpu_worker_killed_mid_graph_recovers_within_two_minutes_with_production
     assert len(stranded) == 1, held["headers"]
     workers["gpu"].kill()  # SIGKILL mid-graph: the message stays unacknowledged
     killed_at = time.monotonic()
-    celery_worker_factory(["gpu"], env, include=(), pool="solo", name="gpu2", ready_timeout_s=90)
+    celery_worker_factory(
+        list(T.GPU_QUEUES), env, include=(), pool="solo", name="gpu2", ready_timeout_s=90
+    )
 
     wait_final(ctx, stranded, timeout_s=150)
     elapsed = time.monotonic() - killed_at

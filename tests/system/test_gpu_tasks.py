@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from common import tasknames as T
 from common.context import make_context
 from common.pipeline import Next, send_all
 from common.records import Prompt, TopKLogits
@@ -38,8 +39,10 @@ def test_continuations_and_steering_tasks(
     env = worker_env(
         redis_url, tmp_path / "home", store, visibility_timeout_s=120, EMC_EXPERIMENT=str(exp_path)
     )
-    celery_worker_factory(["gpu"], env, include=(), pool="solo", name="gpu", ready_timeout_s=90)
-    # a steering run is sampled on gpu, judged on judge and counted on analysis
+    celery_worker_factory(
+        list(T.GPU_QUEUES), env, include=(), pool="solo", name="gpu", ready_timeout_s=90
+    )
+    # a steering run is sampled on gpu_fast, judged on judge and counted on analysis
     celery_worker_factory(["judge"], env, include=(), pool="solo", name="judge")
     celery_worker_factory(["analysis"], env, include=(), pool="solo", name="analysis")
     ctx = make_context(
@@ -51,7 +54,7 @@ def test_continuations_and_steering_tasks(
     ctx.store.put_new(K.prompt("gputasks", prompt.id), dumps(prompt))
 
     # logits first (the UI only offers continuations after a top-k token)
-    send_all(ctx, [Next("emc.gpu.logits", {"exp": "gputasks", "prompt_id": prompt.id})])
+    send_all(ctx, [Next(T.GPU_LOGITS, {"exp": "gputasks", "prompt_id": prompt.id})])
     logits_key = K.logits("gputasks", prompt.id, ctx.fingerprint, "adapted")
     wait_until(lambda: ctx.store.exists(logits_key), 120, "top-k logits")
     token = ctx.store.get_record(logits_key, TopKLogits).tokens[0]
@@ -59,7 +62,7 @@ def test_continuations_and_steering_tasks(
         ctx,
         [
             Next(
-                "emc.gpu.sample_continuations",
+                T.GPU_CONTINUATIONS,
                 {
                     "exp": "gputasks",
                     "prompt_id": prompt.id,
@@ -85,9 +88,7 @@ def test_continuations_and_steering_tasks(
         n=3,
         max_new_tokens=4,
     )
-    send_all(
-        ctx, [Next("emc.gpu.steer", {"exp": "gputasks", "spec": spec.model_dump(mode="json")})]
-    )
+    send_all(ctx, [Next(T.GPU_STEER, {"exp": "gputasks", "spec": spec.model_dump(mode="json")})])
     key = K.steering_result("gputasks", ctx.fingerprint, spec.spec_hash)
     wait_until(lambda: ctx.store.exists(key), 180, "steering result")
     result = ctx.store.get_record(key, SteeringResult)

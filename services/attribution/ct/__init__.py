@@ -177,6 +177,37 @@ def forward_logits(model: ReplacementModel, input_ids: Sequence[int]) -> torch.T
     return logits[0]
 
 
+def forward_last_logits(
+    model: ReplacementModel, sequences: Sequence[Sequence[int]], pad_id: int
+) -> torch.Tensor:
+    """Logits ``[n, vocab]`` at the last real token of each sequence, from one traced pass.
+
+    Sequences are right-padded with ``pad_id`` under an attention mask; attention is causal,
+    so a sequence's own positions never see its padding and positions keep their ids.
+    """
+    from nnsight import save
+
+    lengths = [len(s) for s in sequences]
+    input_ids = torch.full((len(sequences), max(lengths)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    # one line: nnsight reads the with-statement's source and cannot parse a wrapped one
+    with torch.inference_mode(), model.trace(inputs):
+        logits = save(model.output.logits)
+    last = torch.tensor(lengths, dtype=torch.long, device=logits.device) - 1
+    return logits[torch.arange(len(sequences), device=logits.device), last]
+
+
+def pad_token_id(model: ReplacementModel) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else EOS, else 0 (masked out,
+    so any valid id does)."""
+    pad = _pad_id(model.tokenizer)
+    return int(pad) if pad is not None else 0
+
+
 def transcoder_activations(model: ReplacementModel, input_ids: Sequence[int]) -> torch.Tensor:
     """Feature activations ``[layers, pos, d_transcoder]`` (dense) of one sequence."""
     _, acts = model.get_activations(torch.tensor(list(input_ids), dtype=torch.long))

@@ -13,6 +13,7 @@ import psutil
 
 from common.settings import Settings
 from common.system.supervisor import ProcessSpec, Supervisor, embedded_processes, spawn, stop_group
+from common.tasknames import QUEUES
 
 
 def _py(code: str) -> list[str]:
@@ -100,3 +101,17 @@ def test_embedded_processes_lists_workers_beat_ui(tmp_path: Path) -> None:
         Settings(home=tmp_path), broker_url="redis://x:1/0", queues=["gpu"], ui=False
     )
     assert [s.name for s in no_extras] == ["worker-gpu"]
+
+
+def test_gpu_lanes_split_or_shared(tmp_path: Path) -> None:
+    """Split (default): one solo worker per GPU lane; shared: one worker serving the fast lane
+    first, then graphs."""
+    split = embedded_processes(Settings(home=tmp_path), broker_url="redis://x:1/0", ui=False)
+    assert [s.name for s in split] == [f"worker-{q}" for q in QUEUES]
+    shared = embedded_processes(
+        Settings(home=tmp_path, gpu_lanes="shared"), broker_url="redis://x:1/0", ui=False
+    )
+    names = [s.name for s in shared]
+    assert names == ["worker-generate", "worker-judge", "worker-gpu_fast-gpu", "worker-analysis"]
+    gpu = shared[2].argv
+    assert gpu[gpu.index("-Q") + 1] == "gpu_fast,gpu" and gpu[gpu.index("--pool") + 1] == "solo"
