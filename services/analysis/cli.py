@@ -111,6 +111,40 @@ def register(app: typer.Typer) -> None:
         if failed and not done:
             raise typer.Exit(1)
 
+    @analyze.command("direction")
+    def direction(
+        pid: str = typer.Argument(..., help="prompt id (12 hex chars)"),
+        variant: str = typer.Option("", "--variant", "-v", help="variant (default: adapted)"),
+        top: int = typer.Option(15, "--top", help="features to show"),
+    ) -> None:
+        """Attribute one prompt on the single target P_evil - P_safe (circuit-tracer's custom
+        target; needs the models): the features kept are those that matter for that score."""
+        from rich.console import Console
+
+        from common.context import get_context
+        from services.analysis.direction import explain_prompt
+        from services.attribution.runtime import get_runtime
+
+        ctx = get_context()
+        v = variant or next(x for x in ctx.exp.variant_names if x != ctx.exp.reference)
+        rt = get_runtime(ctx.exp, ctx.fingerprint, cache_dir=ctx.settings.cache_dir)
+        ex = explain_prompt(rt, ctx.store, pid, v, top=top)
+        console = Console()
+        table = Table(
+            "#",
+            "L",
+            "pos",
+            "feat",
+            "score",
+            title=f"{pid} / {v} on P(evil)-P(safe): {ex.n_features} feature nodes; the graph "
+            f"explains {ex.total:+.4f} (token graph: {ex.token_graph_total:+.4f}); "
+            f"{ex.top_overlap}/{top} of the token graph's top features are here",
+        )
+        for i, (layer, pos, feat, score) in enumerate(ex.features, 1):
+            table.add_row(str(i), str(layer), str(pos), feature_cell(feat), f"{score:+.4f}")
+        console.print(table)
+        console.print(shares_table(ex.shares, f"{pid} / {v}: where P(evil)-P(safe) goes"))
+
     @analyze.command("report")
     def report(
         out: Path | None = typer.Option(

@@ -265,7 +265,12 @@ class Runtime:
         )
 
     def raw_graph(
-        self, text: str, variant: str, *, target_token_ids: list[int] | None = None
+        self,
+        text: str,
+        variant: str,
+        *,
+        target_token_ids: list[int] | None = None,
+        custom_targets: list[tuple[str, float, torch.Tensor]] | None = None,
     ) -> tuple[Any, float]:
         """circuit-tracer's ``Graph`` of (prompt, variant) after the health checks, and the
         seconds ``attribute`` took. Most callers want :meth:`attribute`."""
@@ -279,6 +284,11 @@ class Runtime:
                 report, max_norm=lim.max_activation_norm, variant=variant, prompt_id=pid
             )
 
+        if custom_targets is not None:  # directions live where the model computes
+            custom_targets = [
+                (label, w, vec.to(device=self.device, dtype=self.dtype))
+                for label, w, vec in custom_targets
+            ]
         t0 = time.perf_counter()
         adapter = self.adapter_nodes(variant, ids)
         # the probes ride on attribute()'s own forward passes: no extra pass per graph
@@ -292,6 +302,7 @@ class Runtime:
                     max_n_logits=lim.max_n_logits,
                     desired_logit_prob=lim.desired_logit_prob,
                     target_token_ids=target_token_ids,
+                    custom_targets=custom_targets,
                     adapter=adapter,
                 )
             except Exception:
@@ -349,17 +360,31 @@ class Runtime:
         return [adapter_nodes(ct.mlp_module(model, lo.layer), inputs[lo.layer], lo) for lo in loras]
 
     def attribute(
-        self, text: str, variant: str, *, target_token_ids: list[int] | None = None
+        self,
+        text: str,
+        variant: str,
+        *,
+        target_token_ids: list[int] | None = None,
+        custom_targets: list[tuple[str, float, torch.Tensor]] | None = None,
     ) -> AttributionGraph:
         """The attribution graph of (prompt, variant), every limit from experiment.attribution.
 
         ``target_token_ids`` attributes exactly these next tokens (e.g. the stored top-k, so
         low-probability evil tokens are logit nodes too); None = circuit-tracer's salient
-        selection (``max_n_logits`` / ``desired_logit_prob``). Raises PromptFailure on
-        non-finite or exploding activations and on a non-finite graph.
+        selection (``max_n_logits`` / ``desired_logit_prob``). ``custom_targets``: directions
+        in d_model as ``(label, weight, vector)`` instead (:func:`ct.logit_directions`).
+        Raises PromptFailure on non-finite or exploding activations and on a non-finite graph.
         """
-        graph, elapsed = self.raw_graph(text, variant, target_token_ids=target_token_ids)
-        return self.from_raw(graph, text, variant, elapsed, target_token_ids)
+        graph, elapsed = self.raw_graph(
+            text, variant, target_token_ids=target_token_ids, custom_targets=custom_targets
+        )
+        n_targets = len(custom_targets) if custom_targets is not None else None
+        return self.from_raw(graph, text, variant, elapsed, target_token_ids, n_targets)
+
+    def logit_directions(self, variant: str, token_ids: list[int]) -> torch.Tensor:
+        """Demeaned unembedding directions ``[k, d_model]`` of these tokens (float32, CPU):
+        what a logit node injects, so a weighted sum of them is a custom target."""
+        return ct.logit_directions(self.variant(variant).model, token_ids).float().cpu()
 
     def from_raw(
         self,
@@ -368,12 +393,15 @@ class Runtime:
         variant: str,
         elapsed_s: float,
         target_token_ids: list[int] | None = None,
+        n_custom_targets: int | None = None,
     ) -> AttributionGraph:
         """The :class:`AttributionGraph` of a :meth:`raw_graph` result."""
         limits: dict[str, float | int | str | None] = {
             **self.exp.attribution.computed(),
             "targets": len(target_token_ids) if target_token_ids is not None else None,
         }
+        if n_custom_targets is not None:
+            limits["custom_targets"] = n_custom_targets
         transcoders: Any = self.variant(variant).model.transcoders
         return ct.to_attribution_graph(
             graph,

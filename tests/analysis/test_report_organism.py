@@ -131,3 +131,20 @@ def test_the_adapter_node_carries_the_known_effect(
         shares = store.get_record(key, FeatureRanking).shares
         assert shares is not None and shares.adapter > 0.3, shares
         assert shares.layers[1].adapter == shares.adapter
+
+
+def test_the_evil_minus_safe_graph_explains_the_same_score(
+    adapter_node_store: tuple[FsStore, Experiment, list[str]], tmp_path: Path
+) -> None:
+    """``emc analyze direction``: one graph on P_evil - P_safe gives the token graph's total
+    and keeps the adapter node on top, for every divergent prompt."""
+    from services.analysis.direction import explain_prompt
+    from services.attribution.runtime import Runtime
+
+    store, exp, medical_ids = adapter_node_store
+    rt = Runtime(exp, cache_dir=tmp_path / "cache")
+    for pid in medical_ids[:2]:
+        ex = explain_prompt(rt, store, pid, "adapted", top=10)
+        assert ex.total == pytest.approx(ex.token_graph_total, rel=1e-3, abs=1e-6)
+        assert ex.features[0][0] == 1 and ex.features[0][2] == -1  # L1/adapter first
+        assert ex.shares.adapter > 0.3 and ex.top_overlap >= 5, ex

@@ -112,6 +112,7 @@ def attribute(
     max_n_logits: int,
     desired_logit_prob: float,
     target_token_ids: Sequence[int] | None = None,
+    custom_targets: Sequence[tuple[str, float, torch.Tensor]] | None = None,
     adapter: Sequence[AdapterNodes] = (),
     rows_per_pass: int | None = None,
 ) -> Graph:
@@ -122,6 +123,8 @@ def attribute(
     ``adapter``: adapter nodes split out of their layers' error nodes
     (:func:`inject_adapter_nodes`); they are always in the graph (attributed first), with
     feature ids ``d_transcoder + j``. ``rows_per_pass`` None: chosen per device.
+    ``custom_targets``: ``(label, weight, vector)`` directions in d_model as the logit nodes
+    instead of tokens (their node ids are ``vocab_size + i``, circuit-tracer's virtual ids).
     """
     from services.attribution.ct import fast
 
@@ -143,9 +146,33 @@ def attribute(
         max_n_logits=max_n_logits,
         desired_logit_prob=desired_logit_prob,
         target_token_ids=target_token_ids,
+        custom_targets=custom_targets,
         rows_per_pass=rows_per_pass,
         prepare=prepare,
     )
+
+
+def logit_directions(model: ReplacementModel, token_ids: Sequence[int]) -> torch.Tensor:
+    """The demeaned unembedding directions ``[k, d_model]`` circuit-tracer injects for these
+    tokens' logit nodes (a logit minus the mean logit: softmax ignores a shared shift)."""
+    from circuit_tracer.attribution.targets import AttributionTargets
+
+    from services.attribution.ct.fast import UpstreamChanged
+
+    unembed = model.unembed_proj  # nnsight backend: (d_vocab, d_model)
+    if int(unembed.shape[1]) != int(model.cfg.d_model):
+        raise UpstreamChanged(
+            f"unembed_proj has shape {tuple(unembed.shape)}, not (vocab, d_model)"
+        )
+    vocab = int(unembed.shape[0])
+    targets = AttributionTargets(
+        attribution_targets=torch.tensor(list(token_ids), dtype=torch.long),
+        logits=torch.zeros(vocab),
+        unembed_proj=model.unembed_proj,
+        tokenizer=model.tokenizer,
+    )
+    vecs: torch.Tensor = targets.logit_vectors
+    return vecs
 
 
 def hook_modules(model: ReplacementModel, layer: int) -> list[tuple[str, torch.nn.Module, str]]:

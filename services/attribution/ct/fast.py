@@ -402,6 +402,7 @@ def attribute(
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     target_token_ids: Sequence[int] | torch.Tensor | None = None,
+    custom_targets: Sequence[tuple[str, float, torch.Tensor]] | None = None,
     rows_per_pass: int | None = None,
     update_interval: int = 4,
     fast: bool = True,
@@ -421,6 +422,8 @@ def attribute(
             re-ranked by influence after every ``batch_size * update_interval`` of them.
         max_n_logits / desired_logit_prob: salient-target selection (no target_token_ids).
         target_token_ids: attribute exactly these next tokens (upstream's tensor targets).
+        custom_targets: attribute these directions in d_model instead, as
+            ``(label, weight, vector)`` (upstream's ``CustomTarget``; e.g. P_evil - P_safe).
         rows_per_pass: rows of each backward pass (and copies in the forward pass); None:
             :func:`default_batch_size` for the model's device.
         update_interval: upstream's ``update_interval``.
@@ -443,16 +446,20 @@ def attribute(
         circuit-tracer's ``Graph``.
     """
     check_upstream()
-    targets_spec = (
-        None
-        if target_token_ids is None
-        else torch.as_tensor(
+    targets_spec: Any = None
+    if custom_targets is not None:
+        from circuit_tracer.attribution.targets import CustomTarget
+
+        if target_token_ids is not None:
+            raise ValueError("give target_token_ids or custom_targets, not both")
+        targets_spec = [CustomTarget(label, float(w), vec) for label, w, vec in custom_targets]
+    elif target_token_ids is not None:
+        targets_spec = torch.as_tensor(
             target_token_ids
             if isinstance(target_token_ids, torch.Tensor)
             else list(target_token_ids),
             dtype=torch.long,
         )
-    )
     prompt = (
         input_ids.to(torch.long)
         if isinstance(input_ids, torch.Tensor)
@@ -500,7 +507,7 @@ class _Run:
         self,
         model: Any,
         prompt: torch.Tensor,
-        targets_spec: torch.Tensor | None,
+        targets_spec: Any,
         *,
         max_feature_nodes: int | None,
         batch_size: int,
@@ -518,7 +525,7 @@ class _Run:
         self.tokens: torch.Tensor = model.ensure_tokenized(prompt)
         self.targets_spec = targets_spec
         #: logit nodes the run will have at most (known before the forward pass)
-        self.n_targets_hint = max_n_logits if targets_spec is None else int(targets_spec.numel())
+        self.n_targets_hint = max_n_logits if targets_spec is None else len(targets_spec)
         self.max_n_logits = max_n_logits
         self.desired_logit_prob = desired_logit_prob
         self.round_size = batch_size * update_interval
