@@ -101,6 +101,11 @@ def ui_pending(exp: str, pid: str) -> str:
     return f"{ui_pending_prefix(exp)}{pid}.json"
 
 
+def judge_few_shot(exp: str, judge: str) -> str:
+    """The few-shot set pinned for a judge (exported from the review UI's calibration page)."""
+    return f"experiments/{exp}/judges/{judge}/few_shot.json"
+
+
 # -- steering runs and EM evaluations (not prompt-centric: one run covers many prompts)
 
 
