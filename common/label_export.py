@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Literal, TextIO
 
 from common.labels import consensus, label_history, labeled_pids
+from common.records import TokenLabel
 from common.store import ObjectStore
 
 ExportFormat = Literal["jsonl", "csv"]
@@ -70,7 +71,7 @@ def export_rows(
                 "label_key": key,
                 "schema_version": lab.schema_version,
             }
-            tokens = lab.labels or [None]
+            tokens: list[TokenLabel | None] = [*lab.labels] or [None]
             for t in tokens:
                 row = {
                     **common,

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import redis
 
 from common.claims import Claims
+from common.context import Context
 from common.experiment import Experiment
+from common.index import derive_state, reindex
 from common.labels import (
     consensus,
     is_overlap,
@@ -18,7 +21,8 @@ from common.labels import (
     labeled_prompts,
     prompt_consensus,
 )
-from common.records import HumanLabel, Label, TokenLabel
+from common.records import FunnelDecision, HumanLabel, Label, Status, TokenLabel
+from common.settings import Settings, StoreSettings
 from common.store import FsStore, SchemaMismatch
 from common.store import keys as K
 from tests.fixtures.data import (
@@ -156,3 +160,36 @@ def test_claims_lock_expire_and_release(redis_client: redis.Redis) -> None:
     assert claims.holder(pid) is None
     assert claims.take(pid, "bob").held_by("bob")
     assert claims.release(pid, "bob") and claims.holder(pid) is None
+
+
+def test_reindex_keeps_an_overlap_prompt_queued_for_its_second_reviewer(
+    store: FsStore, experiment: Experiment, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    name, fp = experiment.name, experiment.fingerprint
+    settings = Settings(home=tmp_path / "home", store=StoreSettings(root=store.root))
+    ctx = Context(settings, store, experiment, fp, _redis=redis_client)
+    d = seed_prompt(store, experiment, TEXT_DIVERGENT, DIVERGENT)
+    store.put_json(
+        K.decision(name, d.pid, fp),
+        FunnelDecision(
+            prompt_id=d.pid,
+            fingerprint=fp,
+            judge=experiment.judge.judge_id,
+            to_review=True,
+            divergent=True,
+            evil_score=0.6,
+            graph_variants=[],
+        ),
+    )
+    assert derive_state(ctx, d.pid).status == Status.in_review
+    store.append(K.labels_history(name, d.pid), review(d.pid, DIVERGENT, "alice"))
+    state = derive_state(ctx, d.pid)
+    assert state.status == Status.in_review and state.awaiting_review
+    assert state.reviewed_by == ("alice",)
+    assert reindex(ctx) == 1
+    assert ctx.queue.entry(d.pid) is not None
+    assert ctx.queue.reviewed_by([d.pid]) == {d.pid: {"alice"}}
+    store.append(K.labels_history(name, d.pid), review(d.pid, DIVERGENT, "bob"))
+    reindex(ctx)
+    assert ctx.queue.entry(d.pid) is None and ctx.queue.status(d.pid) == Status.labeled
+    assert ctx.queue.reviewed_by([d.pid]) == {}
