@@ -68,6 +68,7 @@ def page(pid: str) -> Any:
         "list_url": url_for("adjudication.index"),
         "claim": claim_data(claim, g.user.name),
         "claim_url": url_for("prompts.renew_claim", pid=pid),
+        "release_url": url_for("prompts.release_claim", pid=pid),
         "renew_ms": int(c.experiment.review.claim_s * 1000 / 3),
     }
     return render_template(

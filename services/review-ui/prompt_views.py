@@ -51,6 +51,7 @@ def page_data(view: PromptView, claim: Claim | None = None) -> dict[str, Any]:
     return {
         "claim": claim_data(claim, g.user.name),
         "claim_url": url_for("prompts.renew_claim", pid=pid),
+        "release_url": url_for("prompts.release_claim", pid=pid),
         "renew_ms": int(c.experiment.review.claim_s * 1000 / 3),
         "blind": view.blind,
         "pid": pid,
@@ -109,6 +110,13 @@ def renew_claim(pid: str) -> Any:
     check_pid(pid)
     claim = ctx().claims.take(pid, g.user.name)
     return jsonify(claim_data(claim, g.user.name))
+
+
+@bp.route("/api/p/<pid>/claim/release", methods=["POST"])
+def release_claim(pid: str) -> Any:
+    """Give up one's claim (the page sends this when it is left without saving)."""
+    check_pid(pid)
+    return jsonify(released=ctx().claims.release(pid, g.user.name))
 
 
 @bp.route("/api/p/<pid>/labels", methods=["POST"])

@@ -5,11 +5,14 @@ is resolved with the keyboard."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from common.claims import Claims
 from common.experiment import Experiment, ReviewSpec
 from common.labels import label_history, prompt_consensus
 from common.store import FsStore
@@ -50,6 +53,7 @@ def test_two_reviewers_claim_overlap_and_adjudication(
     seeded: dict[str, Seeded],
     store: FsStore,
     experiment: Experiment,
+    redis_client: redis.Redis,
 ) -> None:
     base, name = live_server, experiment.name
     d, mild, low = seeded["divergent"], seeded["mild"], seeded["low"]
@@ -132,6 +136,18 @@ def test_two_reviewers_claim_overlap_and_adjudication(
         (t.variant, t.token_id, t.label) for t in history[0][1].labels
     }
     assert prompt_consensus(store, name, d.pid).state == "adjudicated"
+
+    # -- leaving a prompt without saving gives it back at once (not after the lease)
+    claims = Claims(redis_client, name, experiment.review.claim_s)
+    carol.goto(f"{base}/p/{mild.pid}")
+    assert claims.holder(mild.pid).reviewer == "carol"  # type: ignore[union-attr]
+    carol.keyboard.press("q")
+    carol.wait_for_url(base + "/")
+    deadline = time.monotonic() + 5
+    while claims.holder(mild.pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert claims.holder(mild.pid) is None
+    assert claims.holder(low.pid).reviewer == "alice"  # type: ignore[union-attr]  # still open
 
     carol.goto(base + "/agreement")
     assert carol.locator('#pairs tr[data-pair="alice|bob"]').count() == 1

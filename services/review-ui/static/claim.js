@@ -1,6 +1,7 @@
 // Claim keeper: the page that has a prompt open renews its claim (a lease in Redis) every
 // third of the lease, so others skip the prompt while it is open and get it back on their
-// own once the tab is closed. Reads claim_url and renew_ms from the page's JSON data.
+// own once the tab is closed (at once when the page is left). Reads claim_url, release_url
+// and renew_ms from the page's JSON data.
 (function () {
   "use strict";
   const holder = document.getElementById("page-data");
@@ -10,6 +11,7 @@
   const state = document.getElementById("claim-state");
 
   function show(claim) {
+    held = claim.held;
     if (!state) return;
     state.textContent = claim.held ? "claimed by you" : claim.by ? "claimed by " + claim.by : "";
     state.classList.toggle("other", !claim.held && !!claim.by);
@@ -23,6 +25,16 @@
     }
     setTimeout(renew, data.renew_ms);
   }
+
+  // Leaving the page without saving gives the prompt back at once (saving released it
+  // already); the beacon carries the CSRF token as a form field.
+  let held = !!(data.claim && data.claim.held);
+  window.addEventListener("pagehide", () => {
+    if (!held || !data.release_url) return;
+    const form = new FormData();
+    form.append("csrf_token", document.querySelector('meta[name="csrf-token"]').content);
+    navigator.sendBeacon(data.release_url, form);
+  });
 
   if (data.claim) show(data.claim);
   setTimeout(renew, data.renew_ms);
