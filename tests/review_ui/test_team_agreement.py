@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from itertools import combinations
+from datetime import UTC, datetime, timedelta
+from itertools import combinations, pairwise
 
 import pytest
 
 from common.labels import consensus
 from common.records import LABELS, HumanLabel, Label, TokenLabel
 from services.review_ui.agreement import pair_agreement, reviewer_stats
+from services.review_ui.calibration import trend
 
 
 def _label(pid: str, who: str, labels: list[Label], **extra: object) -> HumanLabel:
@@ -105,3 +107,28 @@ def test_reviewer_counts_and_speed() -> None:
     assert alice.tokens_per_min == pytest.approx(60 * 6 / 30)
     assert (stats["carol"].reviews, stats["carol"].adjudications) == (0, 1)
     assert stats["bob"].tokens_per_min == pytest.approx(60 * 2 / 30)
+
+
+def test_the_trend_splits_judged_prompts_into_stretches_of_time() -> None:
+    rng = random.Random(3)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    judged = []
+    for _ in range(23):
+        pairs: list[tuple[Label, Label]] = [
+            (rng.choice(LABELS), rng.choice(LABELS)) for _ in range(rng.randint(1, 6))
+        ]
+        judged.append((start + timedelta(hours=rng.random() * 1000), pairs))
+    points = trend(judged, 5)
+    ordered = sorted(judged, key=lambda x: x[0])
+    assert [p.n_prompts for p in points] == [5, 5, 5, 5, 3]
+    assert points[0].start == ordered[0][0] and points[-1].end == ordered[-1][0]
+    i = 0
+    for p in points:
+        chunk = ordered[i : i + p.n_prompts]
+        i += p.n_prompts
+        xs = [j for _, ps in chunk for j, _ in ps]
+        ys = [h for _, ps in chunk for _, h in ps]
+        assert p.n_pairs == len(xs)
+        assert p.kappa == pytest.approx(_kappa_by_definition(xs, ys))
+    assert all(a.end <= b.start for a, b in pairwise(points))
+    assert trend([], 5) == []
