@@ -8,6 +8,7 @@
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/graphs/{variant}.safetensors`` (+ ``.json`` manifest)
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/features/{variant}.json``  feature ranking
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/failures/{step}.json``     why a step failed
+``experiments/{exp}/judges/{judge}/few_shot.json``                     a judge's pinned few-shots
 
 Results depend on the experiment fingerprint ``fp``, so a changed experiment never
 overwrites older results; prompts and human labels do not.

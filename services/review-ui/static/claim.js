@@ -12,6 +12,8 @@
 
   function show(claim) {
     held = claim.held;
+    const banner = document.getElementById("claimed-msg");
+    if (banner && held) banner.classList.add("hidden"); // their claim ended: it is ours now
     if (!state) return;
     state.textContent = claim.held ? "claimed by you" : claim.by ? "claimed by " + claim.by : "";
     state.classList.toggle("other", !claim.held && !!claim.by);
