@@ -19,7 +19,7 @@ from typing import Protocol
 
 from common.experiment import Experiment
 from common.labels import current_label, labeled_pids, labeled_prompts
-from common.records import HumanLabel, Label, Prompt
+from common.records import HumanLabel, JudgeFewShotSet, Label, Prompt
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
 
@@ -33,6 +33,7 @@ class LabeledExample:
     prompt: Prompt
     label: HumanLabel
     complete: bool  # fully labeled: usable as a few-shot example
+    pinned: bool = False  # in the judge's pinned few-shot set: chosen before the others
 
     def token_labels(self, variants: Sequence[str] | None = None) -> dict[int, Label]:
         """``{token id: label}`` over the given variants (all by default).
@@ -96,10 +97,12 @@ class StoreExamples:
         fingerprint: str | None = None,
         ttl_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        pinned_for: str | None = None,
     ) -> None:
         self.store = store
         self.exp = exp
         self.fingerprint = fingerprint
+        self.pinned_for = pinned_for
         self.ttl_s = ttl_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -112,10 +115,23 @@ class StoreExamples:
                 self._cached = (now, self._read())
             return list(self._cached[1])
 
+    def _pinned(self) -> set[str]:
+        """Prompt ids of the few-shot set pinned for judge ``pinned_for`` (none if unset)."""
+        if self.pinned_for is None:
+            return set()
+        try:
+            found = self.store.get_record(
+                K.judge_few_shot(self.exp.name, self.pinned_for), JudgeFewShotSet
+            )
+        except NotFound:
+            return set()
+        return set(found.prompt_ids)
+
     def _read(self) -> list[LabeledExample]:
         name = self.exp.name
+        pinned = self._pinned()
         out = [
-            LabeledExample(prompt=p, label=lab, complete=True)
+            LabeledExample(prompt=p, label=lab, complete=True, pinned=p.id in pinned)
             for p, lab in labeled_prompts(
                 self.store, name, fingerprint=self.fingerprint, variants=self.exp.variant_names
             )
@@ -146,19 +162,25 @@ def select_examples(
     """Up to ``k`` fully labeled examples, about half evil and half not (both when possible).
 
     ``exclude`` is a prompt id never to use (the prompt being judged). Prompts flagged
-    ``bad_prompt`` and partially labeled ones are never chosen. The result is ordered by
-    prompt id so the same pool and rng give the same messages.
+    ``bad_prompt`` and partially labeled ones are never chosen. Pinned examples (the
+    judge's exported few-shot set) come first, the rest is drawn as above. The result is
+    ordered by prompt id so the same pool and rng give the same messages.
     """
     pool = [e for e in examples if e.complete and not e.label.bad_prompt and e.prompt.id != exclude]
     pool.sort(key=lambda e: e.prompt.id)
-    evil = [e for e in pool if is_evil(e)]
-    other = [e for e in pool if not is_evil(e)]
-    rng.shuffle(evil)
-    rng.shuffle(other)
     if k <= 0:
         return []
-    n_evil = min(len(evil), max(1 if evil else 0, k // 2))
+    pinned = [e for e in pool if e.pinned]
+    rng.shuffle(pinned)
+    chosen = pinned[:k]
+    k -= len(chosen)
+    rest = [e for e in pool if not e.pinned]
+    evil = [e for e in rest if is_evil(e)]
+    other = [e for e in rest if not is_evil(e)]
+    rng.shuffle(evil)
+    rng.shuffle(other)
+    n_evil = min(len(evil), max(1 if evil else 0, k // 2)) if k > 0 else 0
     n_other = min(len(other), k - n_evil)
     n_evil = min(len(evil), k - n_other)  # fill from evil when there are too few others
-    chosen = evil[:n_evil] + other[:n_other]
+    chosen += evil[:n_evil] + other[:n_other]
     return sorted(chosen, key=lambda e: e.prompt.id)

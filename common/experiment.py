@@ -172,6 +172,26 @@ class GeneratorSpec(LLMCallSpec):
     seed: int = 0
 
 
+class ReviewSpec(_Strict):
+    """How a team reviews: claims, the share reviewed twice, the labeling guide."""
+
+    overlap: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of prompts sent to two reviewers, blind to each other's labels "
+        "(e.g. 0.1); chosen by prompt id, so the same prompts whatever the order",
+    )
+    claim_s: float = Field(
+        default=300.0,
+        ge=10,
+        description="how long opening a prompt claims it; the open page renews the claim",
+    )
+    guidelines: str | None = Field(
+        default=None, description="a Markdown labeling guide, shown on `?` in the prompt page"
+    )
+
+
 class FunnelSpec(_Strict):
     only_evil: bool = Field(default=True, description="graphs only for prompts with evil tokens")
 
@@ -197,6 +217,7 @@ class Experiment(_Strict):
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
     generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
     funnel: FunnelSpec = Field(default_factory=FunnelSpec)
+    review: ReviewSpec = Field(default_factory=ReviewSpec)
     source: str | None = Field(default=None, description="the file it was read from (set by load)")
 
     @field_validator("variants")
@@ -289,6 +310,9 @@ def parse_experiment(raw: dict[str, Any], base_dir: Path, source: str | None = N
     gen = raw.get("generator")
     if isinstance(gen, dict) and gen.get("templates"):
         raw["generator"] = {**gen, "templates": _resolve(gen["templates"], base_dir)}
+    review = raw.get("review")
+    if isinstance(review, dict) and review.get("guidelines"):
+        raw["review"] = {**review, "guidelines": _resolve(review["guidelines"], base_dir)}
     raw["source"] = source
     try:
         return Experiment.model_validate(raw)

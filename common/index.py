@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from common.context import Context
-from common.labels import current_label
+from common.labels import prompt_consensus
 from common.records import Failure, FunnelDecision, Status
 from common.review_queue import PromptState, rebuild
 from common.store import StoreError
@@ -36,21 +36,28 @@ def derive_state(ctx: Context, pid: str, *, ignore_failures: bool = False) -> Pr
     has_graphs = all(K.graph_manifest(exp.name, pid, fp, v) in present for v in exp.variant_names)
     # the reference variant often has nothing to explain, hence any
     has_features = any(K.features(exp.name, pid, fp, v) in present for v in exp.variant_names)
-    labeled = current_label(ctx.store, exp.name, pid) is not None
-    waiting = decision.to_review and not labeled
+    agreed = prompt_consensus(ctx.store, exp.name, pid)
+    labeled = agreed.state != "unlabeled"
+    # an overlap prompt with one review still waits for its second reviewer
+    waiting = decision.to_review and agreed.needs_review
     if has_features:
         status = Status.analyzed
     elif has_graphs:
         status = Status.graphed
-    elif labeled:
-        status = Status.labeled
     elif waiting:
         status = Status.in_review
+    elif labeled:
+        status = Status.labeled
     else:
         status = Status.judged if decision.graph_variants else Status.done
     reason = unusable_reason(pid, decision.judge_unusable) if decision.judge_unusable else None
     return PromptState(
-        status, decision.divergent, decision.evil_score, awaiting_review=waiting, reason=reason
+        status,
+        decision.divergent,
+        decision.evil_score,
+        awaiting_review=waiting,
+        reason=reason,
+        reviewed_by=tuple(agreed.reviewers) if waiting else (),
     )
 
 

@@ -2,7 +2,9 @@
 
 Labels live in an append-only history per prompt (``keys.labels_history``); the newest
 entry is the current label ("last write wins, history kept"). A prompt is *fully
-labeled* when every top-k token of every variant has a human label.
+labeled* when every top-k token of every variant has a human label. A share of prompts
+(``review.overlap``) is reviewed twice, blind; :func:`consensus` says whether the two
+agree, disagree, or an adjudicator decided.
 """
 
 from __future__ import annotations
@@ -41,6 +43,100 @@ def current_label(store: ObjectStore, exp: str, pid: str) -> HumanLabel | None:
     """The prompt's current human label (the newest in its history), or None."""
     found = current_label_with_key(store, exp, pid)
     return None if found is None else found[1]
+
+
+# ------------------------------------------------------------- team review: overlap, consensus
+
+ReviewState = Literal["unlabeled", "single", "awaiting_second", "agreed", "disputed", "adjudicated"]
+#: states whose current label is settled: the only ones that feed few-shot pools
+SETTLED: frozenset[str] = frozenset({"single", "agreed", "adjudicated"})
+
+
+def is_overlap(pid: str, share: float) -> bool:
+    """Whether a prompt is among the ``share`` sent to two reviewers (decided by its id)."""
+    if share <= 0:
+        return False
+    digest = hashlib.sha256(f"overlap:{pid}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") < share * 2**32
+
+
+def token_map(label: HumanLabel) -> dict[tuple[str, int], Label]:
+    """``{(variant, token id): label}`` of a label."""
+    return {(t.variant, t.token_id): t.label for t in label.labels}
+
+
+def disputed_tokens(a: HumanLabel, b: HumanLabel) -> list[tuple[str, int]]:
+    """``(variant, token id)`` labeled differently by ``a`` and ``b`` (or by one only)."""
+    ta, tb = token_map(a), token_map(b)
+    return sorted(k for k in ta.keys() | tb.keys() if ta.get(k) != tb.get(k))
+
+
+def labels_agree(a: HumanLabel, b: HumanLabel) -> bool:
+    """Two reviews agree: both flag the prompt bad, or neither does and every token matches."""
+    if a.bad_prompt or b.bad_prompt:
+        return a.bad_prompt and b.bad_prompt
+    return not disputed_tokens(a, b)
+
+
+@dataclass(frozen=True)
+class Consensus:
+    """Where a prompt's labels stand among its reviewers.
+
+    ``reviews`` holds each reviewer's latest review (adjudications excluded), oldest first;
+    for an overlap prompt the two compared are the last two of them.
+    """
+
+    state: ReviewState
+    reviews: list[tuple[str, HumanLabel]]
+    adjudication: tuple[str, HumanLabel] | None = None
+
+    @property
+    def reviewers(self) -> list[str]:
+        return [lab.reviewer for _, lab in self.reviews]
+
+    @property
+    def pair(self) -> tuple[tuple[str, HumanLabel], tuple[str, HumanLabel]] | None:
+        """The two reviews an overlap prompt compares (None before there are two)."""
+        return (self.reviews[-2], self.reviews[-1]) if len(self.reviews) >= 2 else None
+
+    @property
+    def settled(self) -> bool:
+        """The current label may be used as an example (single, agreed or adjudicated)."""
+        return self.state in SETTLED
+
+    @property
+    def needs_review(self) -> bool:
+        """Still waiting for a reviewer (no label yet, or the second of an overlap prompt)."""
+        return self.state in ("unlabeled", "awaiting_second")
+
+
+def consensus(history: Sequence[tuple[str, HumanLabel]]) -> Consensus:
+    """The review state of a prompt from its label history (oldest first).
+
+    The newest entry stays the current label; an adjudication decides while it is newest.
+    A prompt is an overlap prompt when any of its reviews says so (stamped when saved).
+    """
+    latest: dict[str, tuple[str, HumanLabel]] = {}
+    for key, lab in history:
+        if not lab.adjudicated:
+            latest.pop(lab.reviewer, None)  # re-inserted: ordered by each one's last review
+            latest[lab.reviewer] = (key, lab)
+    reviews = list(latest.values())
+    if not history:
+        return Consensus("unlabeled", reviews)
+    if history[-1][1].adjudicated:
+        return Consensus("adjudicated", reviews, history[-1])
+    if not any(lab.overlap for _, lab in reviews):
+        return Consensus("single", reviews)
+    if len(reviews) < 2:
+        return Consensus("awaiting_second", reviews)
+    (_, a), (_, b) = reviews[-2], reviews[-1]
+    return Consensus("agreed" if labels_agree(a, b) else "disputed", reviews)
+
+
+def prompt_consensus(store: ObjectStore, exp: str, pid: str) -> Consensus:
+    """:func:`consensus` of a stored prompt."""
+    return consensus(label_history(store, exp, pid))
 
 
 def missing_tokens(
@@ -115,7 +211,10 @@ def labeled_prompts(
     variants: Sequence[str] | None = None,
     include_bad: bool = False,
 ) -> Iterator[tuple[Prompt, HumanLabel]]:
-    """Fully labeled prompts with their current label (the few-shot pool), by prompt id.
+    """Fully labeled, settled prompts with their current label (the few-shot pool), by id.
+
+    Settled (:attr:`Consensus.settled`): reviewed once, or reviewed twice in agreement, or
+    adjudicated; an overlap prompt still waiting for its second review or disputed is left out.
 
     A prompt qualifies when its current label covers every top-k token of every variant
     of some run (``fingerprint`` restricts to one run; ``variants`` names the variants that
@@ -123,8 +222,11 @@ def labeled_prompts(
     left out unless ``include_bad``.
     """
     for pid in labeled_pids(store, exp):
-        label = current_label(store, exp, pid)
-        if label is None or (label.bad_prompt and not include_bad):
+        history = label_history(store, exp, pid)
+        if not history or not consensus(history).settled:
+            continue  # waiting for a second review, or disputed and not adjudicated yet
+        label = history[-1][1]
+        if label.bad_prompt and not include_bad:
             continue
         runs = _run_logits(store, exp, pid)
         if fingerprint is not None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Label = Literal["evil", "safe", "unsure"]
 LABELS: tuple[Label, ...] = ("evil", "safe", "unsure")
@@ -104,8 +104,21 @@ class TokenLabel(BaseModel):
     label: Label
 
 
+LabelRole = Literal["review", "adjudication"]
+
+
 class HumanLabel(Record):
-    """A reviewer's labels for one prompt, plus prompt flags. Stored with history."""
+    """A reviewer's labels for one prompt, plus prompt flags. Stored with history.
+
+    Version 2 adds the provenance of team review: whether the prompt was one of the share
+    sent to two reviewers (``overlap``), whether this entry is an adjudicator's decision
+    between two disagreeing reviews (``role``, ``resolves``), the labeling guide it was made
+    under (``guideline_version``) and how long the reviewer had the prompt open
+    (``elapsed_s``). Version 1 labels read as single reviews with none of these.
+    """
+
+    schema_version: int = 2
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)
 
     prompt_id: str
     reviewer: str
@@ -113,6 +126,31 @@ class HumanLabel(Record):
     labels: list[TokenLabel]
     bad_prompt: bool = False
     note: str = ""
+    role: LabelRole = "review"
+    overlap: bool = Field(
+        default=False, description="the prompt was sent to two reviewers, blind to each other"
+    )
+    resolves: list[str] = Field(
+        default_factory=list, description="adjudication: store keys of the reviews it decides"
+    )
+    guideline_version: str | None = Field(
+        default=None, description="content hash of the labeling guide shown to the reviewer"
+    )
+    elapsed_s: float | None = Field(
+        default=None, ge=0, description="seconds from opening (claiming) the prompt to saving"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """A version 1 label is a single review made without a guide: read it as v2."""
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            data = {**data, "schema_version": 2}
+        return data
+
+    @property
+    def adjudicated(self) -> bool:
+        return self.role == "adjudication"
 
     def label_of(self, variant: str, token_id: int) -> Label | None:
         for t in self.labels:
@@ -127,6 +165,17 @@ class HumanLabel(Record):
             + f"|{self.bad_prompt}"
         )
         return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+class JudgeFewShotSet(Record):
+    """Prompts pinned as a judge's next few-shot examples (the judge/human disagreements
+    exported from the calibration page); the judge takes them first, then its usual pool."""
+
+    judge: str
+    prompt_ids: list[str]
+    created_by: str
+    created_at: datetime = Field(default_factory=utcnow)
+    reason: str = ""
 
 
 def node_label(layer: int, feature: int) -> str:

@@ -5,6 +5,8 @@ Two structures per experiment ``exp``:
 * ``emc:{exp}:review`` — a sorted set of prompt ids waiting for a human label. The score
   puts divergent prompts (the adapted variant has an evil token the reference has not)
   before all others, then orders by the judge's evil score (higher first).
+* ``emc:{exp}:reviewed`` — a hash ``pid -> reviewers`` (comma separated) of queued overlap
+  prompts that already have one review: their first reviewer does not get them again.
 * ``emc:{exp}:status`` — a hash ``pid -> status`` (a :class:`common.records.Status` value),
   with ``emc:{exp}:status_reason`` holding an optional reason (e.g. why a step failed).
 
@@ -16,7 +18,7 @@ only makes "what is next" and "how many" fast.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +71,7 @@ class ReviewQueue:
         self.queue_key = f"emc:{exp}:review"
         self.status_key = f"emc:{exp}:status"
         self.reason_key = f"emc:{exp}:status_reason"
+        self.reviewed_key = f"emc:{exp}:reviewed"
 
     # -- queue ----------------------------------------------------------------------------
     def restore(self, pid: str, state: PromptState) -> None:
@@ -79,6 +82,10 @@ class ReviewQueue:
             pipe.zadd(self.queue_key, {pid: score})
         else:
             pipe.zrem(self.queue_key, pid)
+        if state.reviewed_by and state.awaiting_review:
+            pipe.hset(self.reviewed_key, pid, ",".join(state.reviewed_by))
+        else:
+            pipe.hdel(self.reviewed_key, pid)
         self._status_into(pipe, pid, state.status, state.reason)
         pipe.execute()
 
@@ -98,10 +105,23 @@ class ReviewQueue:
         """
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(self.queue_key, pid)
+        pipe.hdel(self.reviewed_key, pid)
         if status is not None:
             self._status_into(pipe, pid, status, reason)
         removed = pipe.execute()[0]
         return bool(removed)
+
+    def keep_for_second_review(self, pid: str, reviewers: Iterable[str]) -> None:
+        """An overlap prompt got its first review: it stays queued for someone else."""
+        self.redis.hset(self.reviewed_key, pid, ",".join(sorted(set(reviewers))))
+
+    def reviewed_by(self, pids: Iterable[str]) -> dict[str, set[str]]:
+        """Who already reviewed each of the queued ``pids`` (only those with a review)."""
+        pids = list(pids)
+        if not pids:
+            return {}
+        values = self.redis.hmget(self.reviewed_key, pids)
+        return {p: set(_text(v).split(",")) for p, v in zip(pids, values, strict=True) if v}
 
     def list(self, limit: int = 100, offset: int = 0) -> list[QueueEntry]:
         """The first ``limit`` waiting prompts, in review order."""
@@ -169,11 +189,14 @@ class ReviewQueue:
         statuses: Mapping[str, Status],
         queued: Iterable[QueueEntry],
         reasons: Mapping[str, str] | None = None,
+        reviewed: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         """Replace the whole queue and status index in one transaction (used by rebuild)."""
         queued = list(queued)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(self.queue_key, self.status_key, self.reason_key)
+        pipe.delete(self.queue_key, self.status_key, self.reason_key, self.reviewed_key)
+        if reviewed:
+            pipe.hset(self.reviewed_key, mapping={p: ",".join(r) for p, r in reviewed.items()})
         if statuses:
             pipe.hset(self.status_key, mapping={p: Status(s).value for p, s in statuses.items()})
         if reasons:
@@ -196,6 +219,8 @@ class PromptState:
     awaiting_review: bool = False
     #: why it stands there (a failure, a judge answer that was unusable), if anything
     reason: str | None = None
+    #: an overlap prompt waiting for its second review: who reviewed it already
+    reviewed_by: tuple[str, ...] = ()
 
 
 def rebuild(queue: ReviewQueue, states: Iterable[tuple[str, PromptState]]) -> int:
@@ -209,11 +234,14 @@ def rebuild(queue: ReviewQueue, states: Iterable[tuple[str, PromptState]]) -> in
     statuses: dict[str, Status] = {}
     queued: list[QueueEntry] = []
     reasons: dict[str, str] = {}
+    reviewed: dict[str, tuple[str, ...]] = {}
     for pid, state in states:
         statuses[pid] = state.status
         if state.reason:
             reasons[pid] = state.reason
         if state.awaiting_review or state.status == Status.in_review:
             queued.append(QueueEntry(pid, state.divergent, state.evil_score))
-    queue.replace_all(statuses, queued, reasons)
+            if state.reviewed_by:
+                reviewed[pid] = state.reviewed_by
+    queue.replace_all(statuses, queued, reasons, reviewed)
     return len(statuses)

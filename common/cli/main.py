@@ -39,13 +39,14 @@ def text_judges() -> TextJudges:
 
 
 def _register_all() -> None:
-    from common.cli import demo, organism, pipeline, system
+    from common.cli import demo, labels, organism, pipeline, system
     from services.analysis import cli as analysis_cli
     from services.analysis import cli_eval
     from services.attribution import cli as attribution_cli
     from services.review_ui import cli as review_cli
 
-    for module in (system, pipeline, demo, organism, attribution_cli, analysis_cli, review_cli):
+    modules = (system, pipeline, demo, organism, labels, attribution_cli, analysis_cli, review_cli)
+    for module in modules:
         module.register(app)
     cli_eval.register(app, text_judges())
 

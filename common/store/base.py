@@ -130,10 +130,13 @@ class ObjectStore(ABC):
         expected = cls.model_fields.get("schema_version")
         if expected is not None and isinstance(data, dict):
             have = data.get("schema_version")
-            if have != expected.default:
+            # a record class may read older versions (it upgrades them while validating)
+            readable = getattr(cls, "READS_VERSIONS", (expected.default,))
+            if have not in readable:
                 raise SchemaMismatch(
                     f"{key} has schema_version {have}, this emc reads {cls.__name__} "
-                    f"v{expected.default}: re-run the step that wrote it or upgrade emc"
+                    f"v{', v'.join(str(v) for v in readable)}: re-run the step that wrote it "
+                    "or upgrade emc"
                 )
         try:
             return cls.model_validate(data)

@@ -8,6 +8,7 @@
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/graphs/{variant}.safetensors`` (+ ``.json`` manifest)
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/features/{variant}.json``  feature ranking
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/failures/{step}.json``     why a step failed
+``experiments/{exp}/judges/{judge}/few_shot.json``                     a judge's pinned few-shots
 
 Results depend on the experiment fingerprint ``fp``, so a changed experiment never
 overwrites older results; prompts and human labels do not.
@@ -99,6 +100,11 @@ def ui_pending_prefix(exp: str) -> str:
 
 def ui_pending(exp: str, pid: str) -> str:
     return f"{ui_pending_prefix(exp)}{pid}.json"
+
+
+def judge_few_shot(exp: str, judge: str) -> str:
+    """The few-shot set pinned for a judge (exported from the review UI's calibration page)."""
+    return f"experiments/{exp}/judges/{judge}/few_shot.json"
 
 
 # -- steering runs and EM evaluations (not prompt-centric: one run covers many prompts)

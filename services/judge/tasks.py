@@ -24,7 +24,8 @@ def _judge() -> Judge:
     from services.judge.factory import make_judge
 
     ctx = get_context()
-    return make_judge(ctx.exp, ctx.settings, StoreExamples(ctx.store, ctx.exp))
+    examples = StoreExamples(ctx.store, ctx.exp, pinned_for=ctx.exp.judge.judge_id)
+    return make_judge(ctx.exp, ctx.settings, examples)
 
 
 def _probe() -> None:

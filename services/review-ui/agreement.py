@@ -1,13 +1,24 @@
-"""Judge vs human agreement: confusion matrix, Cohen's kappa, and the disagreements."""
+"""Agreement: judge vs humans (confusion matrix, Cohen's kappa, the disagreements), humans
+vs humans on overlap prompts (kappa per pair of reviewers), and per-reviewer figures."""
 
 from __future__ import annotations
 
+import statistics
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from common.labels import current_label, labeled_pids
-from common.records import LABELS, Label, Verdict
+from common.labels import (
+    Consensus,
+    consensus,
+    current_label,
+    label_history,
+    labeled_pids,
+    labels_agree,
+    token_map,
+)
+from common.records import LABELS, HumanLabel, Label, Verdict
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
 
@@ -111,3 +122,129 @@ def agreement_report(
     matrix = confusion_matrix(pairs)
     disagreements.sort(key=lambda d: d.labeled_at, reverse=True)
     return AgreementReport(LABELS, matrix, cohen_kappa(matrix), len(pairs), prompts, disagreements)
+
+
+# ------------------------------------------------------------------ humans vs humans (overlap)
+
+
+@dataclass(frozen=True)
+class PairAgreement:
+    """Agreement of two reviewers over the overlap prompts both reviewed.
+
+    The matrix's rows are reviewer ``a``'s labels, its columns ``b``'s (``a`` < ``b``).
+    """
+
+    a: str
+    b: str
+    n_prompts: int
+    n_tokens: int
+    matrix: list[list[int]]
+    kappa: float | None
+    n_disputed: int
+
+
+def pair_agreement(states: Iterable[Consensus]) -> list[PairAgreement]:
+    """Cohen's kappa per pair of reviewers, over the tokens both labeled on overlap prompts.
+
+    Each overlap prompt counts once, for the two reviews it compares (:attr:`Consensus.pair`),
+    whether it is agreed, disputed or adjudicated since. A prompt either flagged bad adds no
+    token pairs (its tokens were not labeled as such) but counts as a prompt.
+    """
+    tokens: dict[tuple[str, str], list[tuple[Label, Label]]] = defaultdict(list)
+    prompts: dict[tuple[str, str], int] = defaultdict(int)
+    disputed: dict[tuple[str, str], int] = defaultdict(int)
+    for state in states:
+        pair = state.pair
+        if pair is None or not any(lab.overlap for _, lab in state.reviews):
+            continue
+        (_, x), (_, y) = sorted(pair, key=lambda kl: kl[1].reviewer)
+        names = (x.reviewer, y.reviewer)
+        prompts[names] += 1
+        disputed[names] += not labels_agree(x, y)
+        if x.bad_prompt or y.bad_prompt:
+            continue
+        tx, ty = token_map(x), token_map(y)
+        tokens[names] += [(tx[k], ty[k]) for k in sorted(tx.keys() & ty.keys())]
+    out = []
+    for names in sorted(prompts):
+        matrix = confusion_matrix(tokens[names])
+        out.append(
+            PairAgreement(
+                names[0],
+                names[1],
+                prompts[names],
+                len(tokens[names]),
+                matrix,
+                cohen_kappa(matrix),
+                disputed[names],
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class ReviewerStats:
+    """How much one reviewer labeled and how fast (time from opening a prompt to saving)."""
+
+    name: str
+    reviews: int
+    prompts: int
+    tokens: int
+    adjudications: int
+    median_s: float | None
+    tokens_per_min: float | None
+
+
+def reviewer_stats(histories: Iterable[Sequence[tuple[str, HumanLabel]]]) -> list[ReviewerStats]:
+    """Per reviewer: labels saved, prompts, tokens, adjudications, median seconds per label
+    and tokens per minute (over labels that recorded their time), by name."""
+    reviews: dict[str, int] = defaultdict(int)
+    adjud: dict[str, int] = defaultdict(int)
+    tokens: dict[str, int] = defaultdict(int)
+    pids: dict[str, set[str]] = defaultdict(set)
+    times: dict[str, list[float]] = defaultdict(list)
+    timed_tokens: dict[str, int] = defaultdict(int)
+    for history in histories:
+        for _, lab in history:
+            who = lab.reviewer
+            if lab.adjudicated:
+                adjud[who] += 1
+            else:
+                reviews[who] += 1
+            pids[who].add(lab.prompt_id)
+            tokens[who] += len(lab.labels)
+            if lab.elapsed_s is not None:
+                times[who].append(lab.elapsed_s)
+                timed_tokens[who] += len(lab.labels)
+    out = []
+    for who in sorted(pids):
+        spent = sum(times[who])
+        out.append(
+            ReviewerStats(
+                who,
+                reviews[who],
+                len(pids[who]),
+                tokens[who],
+                adjud[who],
+                statistics.median(times[who]) if times[who] else None,
+                60.0 * timed_tokens[who] / spent if spent > 0 else None,
+            )
+        )
+    return out
+
+
+@dataclass
+class TeamReport:
+    pairs: list[PairAgreement]
+    reviewers: list[ReviewerStats]
+    states: dict[str, int]  # consensus state -> prompts
+
+
+def team_report(store: ObjectStore, exp: str) -> TeamReport:
+    """Humans vs humans and per-reviewer figures over every labeled prompt's history."""
+    histories = [label_history(store, exp, pid) for pid in labeled_pids(store, exp)]
+    states = [consensus(h) for h in histories]
+    counts: dict[str, int] = defaultdict(int)
+    for s in states:
+        counts[s.state] += 1
+    return TeamReport(pair_agreement(states), reviewer_stats(histories), dict(counts))

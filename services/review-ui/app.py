@@ -110,6 +110,7 @@ def create_app(
     csrf.init_app(app)
 
     from services.review_ui import (
+        adjudication_views,
         agreement_views,
         auth,
         graph_views,
@@ -125,6 +126,8 @@ def create_app(
         queue_views.health,
         prompt_views.bp,
         agreement_views.bp,
+        agreement_views.calibration,
+        adjudication_views.bp,
         graph_views.bp,
     ):
         app.register_blueprint(bp)

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import current_app
 
+from common.claims import Claims
 from common.experiment import Experiment
 from common.review_queue import ReviewQueue
 from common.settings import Settings
@@ -32,6 +33,15 @@ class ReviewContext:
     session_cache: dict[str, tuple[float, bool]] = field(default_factory=dict)
     last_reconcile: float = 0.0  # monotonic time of the last look for pending labels
     login_limits: Any = None  # services.review_ui.login_limits.LoginLimits, made on first login
+    guide_cache: dict[str, Any] = field(default_factory=dict)  # path -> (mtime, Guide)
+    _claims: Claims | None = None
+
+    @property
+    def claims(self) -> Claims:
+        """Claims on prompts (leases in the review queue's Redis)."""
+        if self._claims is None:
+            self._claims = Claims(self.queue.redis, self.exp, self.experiment.review.claim_s)
+        return self._claims
 
     @property
     def exp(self) -> str:

@@ -6,17 +6,24 @@ from typing import Any
 
 from flask import Blueprint, abort, g, jsonify, render_template, request, url_for
 
+from common.claims import Claim
 from common.prompt_format import turns
 from common.store import NotFound
 from common.store import keys as K
 from services.review_ui.context import ctx
+from services.review_ui.guidelines import load_guide
 from services.review_ui.review import (
+    ClaimedElsewhere,
     InvalidLabel,
     PromptView,
+    check_claim,
     check_pid,
+    claim_data,
     load_prompt_view,
     parse_submission,
     save_label,
+    stamp,
+    take_claim,
 )
 from services.review_ui.tasks import SAMPLE_CONTINUATIONS, TaskError, enqueue
 
@@ -27,7 +34,7 @@ MAX_SAMPLES = 8
 
 def _view(pid: str) -> PromptView:
     try:
-        return load_prompt_view(ctx(), pid)
+        return load_prompt_view(ctx(), pid, viewer=g.user.name)
     except NotFound:
         abort(404, description=f"no prompt {pid} in experiment {ctx().exp}")
 
@@ -36,11 +43,17 @@ def _bad(message: str) -> Any:
     return jsonify(error=message), 400
 
 
-def page_data(view: PromptView) -> dict[str, Any]:
+def page_data(view: PromptView, claim: Claim | None = None) -> dict[str, Any]:
     """What the page's script needs (embedded as JSON)."""
     pid = view.prompt.id
     current = view.current
+    c = ctx()
     return {
+        "claim": claim_data(claim, g.user.name),
+        "claim_url": url_for("prompts.renew_claim", pid=pid),
+        "release_url": url_for("prompts.release_claim", pid=pid),
+        "renew_ms": int(c.experiment.review.claim_s * 1000 / 3),
+        "blind": view.blind,
         "pid": pid,
         "rows": [r.to_json() for r in view.rows],
         "variants": view.variant_names,
@@ -62,13 +75,16 @@ def page_data(view: PromptView) -> dict[str, Any]:
 @bp.route("/p/<pid>")
 def page(pid: str) -> Any:
     view = _view(pid)
+    claim = take_claim(ctx(), pid, g.user.name)
     user, assistant = turns(view.prompt.text)
     return render_template(
         "prompt.html",
         view=view,
+        claim=claim_data(claim, g.user.name),
+        guide=load_guide(ctx()),
         user_text=user,
         assistant_text=assistant,
-        data=page_data(view),
+        data=page_data(view, claim),
         saved=request.args.get("saved", ""),
         overwrote=request.args.get("overwrote", ""),
     )
@@ -82,9 +98,25 @@ def api_prompt(pid: str) -> Any:
     data["status"] = view.status.value if view.status else None
     data["history"] = [
         {"key": k, "reviewer": h.reviewer, "at": h.created_at.isoformat(), "version": h.version()}
-        for k, h in view.history
+        for k, h in ([] if view.blind else view.history)
     ]
+    data["review_state"] = "awaiting_second" if view.blind else view.consensus.state
     return jsonify(data)
+
+
+@bp.route("/api/p/<pid>/claim", methods=["POST"])
+def renew_claim(pid: str) -> Any:
+    """Claim the prompt or renew one's claim (the open page calls this periodically)."""
+    check_pid(pid)
+    claim = ctx().claims.take(pid, g.user.name)
+    return jsonify(claim_data(claim, g.user.name))
+
+
+@bp.route("/api/p/<pid>/claim/release", methods=["POST"])
+def release_claim(pid: str) -> Any:
+    """Give up one's claim (the page sends this when it is left without saving)."""
+    check_pid(pid)
+    return jsonify(released=ctx().claims.release(pid, g.user.name))
 
 
 @bp.route("/api/p/<pid>/labels", methods=["POST"])
@@ -92,12 +124,17 @@ def submit(pid: str) -> Any:
     """Save a label: written to the store before this answers 200."""
     view = _view(pid)
     payload = request.get_json(silent=True)
+    c, me = ctx(), g.user.name
     try:
-        label = parse_submission(view, payload, reviewer=g.user.name)
+        claim = check_claim(c, pid, me)
+        label = parse_submission(view, payload, reviewer=me)
+    except ClaimedElsewhere as e:
+        return jsonify(error=str(e)), 409
     except InvalidLabel as e:
         return _bad(str(e))
+    label = stamp(c, pid, label, claim=claim, history=view.history)
     base_key = payload.get("base_key") if isinstance(payload, dict) else None
-    result = save_label(ctx(), pid, label, base_key=base_key if isinstance(base_key, str) else None)
+    result = save_label(c, pid, label, base_key=base_key if isinstance(base_key, str) else None)
     args: dict[str, Any] = {"saved": pid}
     if result.overwrote:
         who, when = result.overwrote
@@ -113,6 +150,7 @@ def submit(pid: str) -> Any:
         duplicate=result.duplicate,
         version=label.version(),
         overwrote=args.get("overwrote"),
+        state=result.state,
         warnings=result.warnings,
         next_url=next_url,
     )

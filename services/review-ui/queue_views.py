@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-from flask import Blueprint, jsonify, render_template, request, url_for
+from flask import Blueprint, g, jsonify, render_template, request, url_for
 
 from common.prompt_format import turns
 from common.store import NotFound
@@ -19,9 +19,14 @@ QUEUE_PAGE = 200
 POLL_MS = 3000
 
 
-def queue_snapshot(c: ReviewContext, limit: int = QUEUE_PAGE) -> dict[str, Any]:
-    """The queue as the page shows it: counts per status and the first ``limit`` prompts."""
+def queue_snapshot(c: ReviewContext, limit: int = QUEUE_PAGE, viewer: str = "") -> dict[str, Any]:
+    """The queue as ``viewer`` sees it: counts per status and the first ``limit`` prompts,
+    less those they already reviewed (overlap prompts waiting for a second reviewer), each
+    with who claimed it."""
     entries = c.queue.list(limit)
+    reviewed = c.queue.reviewed_by([e.pid for e in entries])
+    entries = [e for e in entries if viewer not in reviewed.get(e.pid, ())]
+    claims = c.claims.holders([e.pid for e in entries])
     items = []
     for e in entries:
         try:
@@ -37,6 +42,8 @@ def queue_snapshot(c: ReviewContext, limit: int = QUEUE_PAGE) -> dict[str, Any]:
                 "user": user,
                 "assistant": assistant,
                 "url": url_for("prompts.page", pid=e.pid),
+                "claimed_by": claims[e.pid].reviewer if e.pid in claims else None,
+                "second": e.pid in reviewed,
             }
         )
     return {"counts": c.queue.counts(), "waiting": len(c.queue), "items": items}
@@ -47,7 +54,7 @@ def index() -> Any:
     c = ctx()
     return render_template(
         "queue.html",
-        snap=queue_snapshot(c),
+        snap=queue_snapshot(c, viewer=g.user.name),
         poll_ms=POLL_MS,
         saved=request.args.get("saved", ""),
     )
@@ -56,7 +63,7 @@ def index() -> Any:
 @bp.route("/api/queue")
 def api_queue() -> Any:
     limit = request.args.get("limit", default=QUEUE_PAGE, type=int)
-    return jsonify(queue_snapshot(ctx(), max(1, min(limit or QUEUE_PAGE, 1000))))
+    return jsonify(queue_snapshot(ctx(), max(1, min(limit or QUEUE_PAGE, 1000)), g.user.name))
 
 
 @health.route("/healthz")

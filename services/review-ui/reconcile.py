@@ -10,6 +10,7 @@ import time
 
 import redis
 
+from common.labels import Consensus, prompt_consensus
 from common.records import Status
 from common.store import keys as K
 from services.review_ui.context import ReviewContext
@@ -19,6 +20,17 @@ log = logging.getLogger(__name__)
 
 #: how often one UI process looks for labels to reconcile
 EVERY_S = 5.0
+
+
+def apply_to_queue(c: ReviewContext, pid: str, agreed: Consensus | None = None) -> None:
+    """Put a prompt where its labels say: queued for a second review (an overlap prompt's
+    first review), else out of the queue as labeled."""
+    agreed = agreed or prompt_consensus(c.store, c.exp, pid)
+    if agreed.needs_review:
+        c.queue.keep_for_second_review(pid, agreed.reviewers)
+        c.queue.set_status(pid, Status.in_review)
+    else:
+        c.queue.remove(pid, status=Status.labeled)
 
 
 def mark_pending(c: ReviewContext, pid: str, why: str) -> None:
@@ -34,7 +46,7 @@ def reconcile_pending(c: ReviewContext) -> int:
     for key in list(c.store.list_keys(prefix)):
         pid = key[len(prefix) :].removesuffix(".json")
         try:
-            c.queue.remove(pid, status=Status.labeled)
+            apply_to_queue(c, pid)
             enqueue(c.tasks, RANK_PROMPT, exp=c.exp, prompt_id=pid)
         except (redis.RedisError, TaskError) as e:
             log.info("pending labels wait: %s", e)

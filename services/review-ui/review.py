@@ -1,22 +1,33 @@
 """Labeling logic of the review UI: what a prompt page shows, what a submission must hold,
 and how a label is saved. Views are thin shells around these functions.
 
-Two reviewers on one prompt: the last write wins and the history keeps every earlier
-label; the page shows who labeled last and when, and a save that replaced someone
-else's newer label says so.
+Team review: opening a prompt claims it (:mod:`common.claims`), and a save by anyone but
+the holder of a live claim is refused. A share of prompts (``review.overlap``) goes to two
+reviewers, blind: the second does not see the first one's labels. Otherwise the last
+write wins and the history keeps every earlier label; the page shows who labeled last and
+when, and a save that replaced someone else's newer label says so.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import redis
 
-from common.labels import current_label_with_key, label_history, missing_tokens
+from common.claims import Claim
+from common.labels import (
+    Consensus,
+    consensus,
+    current_label_with_key,
+    is_overlap,
+    label_history,
+    missing_tokens,
+)
 from common.records import (
     LABELS,
     FeatureRanking,
@@ -32,7 +43,8 @@ from common.review_queue import QueueEntry
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
 from services.review_ui.context import ReviewContext
-from services.review_ui.reconcile import mark_pending
+from services.review_ui.guidelines import load_guide
+from services.review_ui.reconcile import apply_to_queue, mark_pending
 from services.review_ui.tasks import RANK_PROMPT, TaskError, enqueue
 
 log = logging.getLogger(__name__)
@@ -90,21 +102,27 @@ class VariantView:
 
 @dataclass
 class PromptView:
-    """Everything the prompt page shows, loaded from the store (and the queue)."""
+    """Everything the prompt page shows, loaded from the store (and the queue).
+
+    ``blind``: an overlap prompt waiting for its second review, seen by someone who has not
+    reviewed it; the first review is hidden (no current label, no human suggestions).
+    """
 
     prompt: Prompt
     variants: list[VariantView]
     history: list[tuple[str, HumanLabel]]
     status: Status | None
     queue_entry: QueueEntry | None
+    consensus: Consensus = field(default_factory=lambda: consensus([]))
+    blind: bool = False
 
     @property
     def current(self) -> HumanLabel | None:
-        return self.history[-1][1] if self.history else None
+        return self.history[-1][1] if self.history and not self.blind else None
 
     @property
     def current_key(self) -> str | None:
-        return self.history[-1][0] if self.history else None
+        return self.history[-1][0] if self.history and not self.blind else None
 
     @property
     def logits(self) -> dict[str, TopKLogits]:
@@ -144,12 +162,20 @@ def load_prompt(c: ReviewContext, pid: str) -> Prompt:
     return prompt
 
 
-def load_prompt_view(c: ReviewContext, pid: str) -> PromptView:
-    """Load a prompt with its logits, verdicts, labels and analysis; raises NotFound."""
+def load_prompt_view(c: ReviewContext, pid: str, viewer: str | None = None) -> PromptView:
+    """Load a prompt with its logits, verdicts, labels and analysis; raises NotFound.
+
+    ``viewer``: the reviewer looking; an overlap prompt they have not reviewed while it waits
+    for its second review is shown blind (None: the whole history, e.g. for adjudication).
+    """
     prompt = load_prompt(c, pid)
     store, exp, fp = c.store, c.exp, c.fingerprint
     history = label_history(store, exp, pid)
-    current = history[-1][1] if history else None
+    agreed = consensus(history)
+    blind = (
+        viewer is not None and agreed.state == "awaiting_second" and viewer not in agreed.reviewers
+    )
+    current = history[-1][1] if history and not blind else None
     variants: list[VariantView] = []
     for name in c.experiment.variant_names:
         variants.append(
@@ -199,7 +225,7 @@ def load_prompt_view(c: ReviewContext, pid: str) -> PromptView:
     except redis.RedisError as e:
         log.warning("redis unavailable while loading %s: %s", pid, e)
         status, entry = None, None
-    return PromptView(prompt, variants, history, status, entry)
+    return PromptView(prompt, variants, history, status, entry, agreed, blind)
 
 
 def _submitted_labels(
@@ -269,6 +295,10 @@ def parse_submission(view: PromptView, payload: Any, reviewer: str) -> HumanLabe
     return label
 
 
+class ClaimedElsewhere(InvalidLabel):
+    """Someone else holds a live claim on the prompt."""
+
+
 @dataclass
 class SaveResult:
     key: str
@@ -276,33 +306,116 @@ class SaveResult:
     next_pid: str | None
     overwrote: tuple[str, datetime] | None = None
     warnings: list[str] = field(default_factory=list)
+    state: str = "single"  # the prompt's consensus state after the save
 
 
 def _same(a: HumanLabel, b: HumanLabel) -> bool:
-    return (a.reviewer, a.version(), a.note) == (b.reviewer, b.version(), b.note)
+    return (a.reviewer, a.version(), a.note, a.role) == (b.reviewer, b.version(), b.note, b.role)
+
+
+def take_claim(c: ReviewContext, pid: str, reviewer: str) -> Claim | None:
+    """Claim the prompt for ``reviewer`` (or renew their claim); returns whoever holds it.
+
+    None when Redis does not answer: reviewing goes on without a lock (the store keeps
+    every label, so a collision costs a duplicate review, not a lost one).
+    """
+    try:
+        return c.claims.take(pid, reviewer)
+    except redis.RedisError as e:
+        log.warning("claim of %s not taken (redis): %s", pid, e)
+        return None
+
+
+def claim_data(claim: Claim | None, me: str) -> dict[str, Any]:
+    """A claim as the page's script sees it."""
+    if claim is None:
+        return {"held": False, "by": None, "expires_in": None}
+    return {
+        "held": claim.held_by(me),
+        "by": claim.reviewer,
+        "expires_in": max(0, round(claim.expires - time.time())),
+    }
+
+
+def check_claim(c: ReviewContext, pid: str, reviewer: str) -> Claim | None:
+    """The live claim on the prompt (None: none, or Redis does not answer); raises
+    :class:`ClaimedElsewhere` if someone else holds it."""
+    try:
+        holder = c.claims.holder(pid)
+    except redis.RedisError:
+        return None
+    if holder is not None and not holder.held_by(reviewer):
+        raise ClaimedElsewhere(
+            f"claimed by {holder.reviewer}: they opened it and are labeling it now; "
+            f"their claim ends within {max(1, round(holder.expires - time.time()))} s "
+            "unless they keep the page open"
+        )
+    return holder
+
+
+def stamp(
+    c: ReviewContext,
+    pid: str,
+    label: HumanLabel,
+    *,
+    claim: Claim | None,
+    history: list[tuple[str, HumanLabel]],
+) -> HumanLabel:
+    """The label with its provenance: overlap share, the guide's version, time spent."""
+    guide = load_guide(c)
+    overlap = is_overlap(pid, c.experiment.review.overlap) or any(lab.overlap for _, lab in history)
+    elapsed = None
+    if claim is not None and claim.held_by(label.reviewer) and claim.since > 0:
+        elapsed = round(max(0.0, label.created_at.timestamp() - claim.since), 3)
+    return label.model_copy(
+        update={
+            "overlap": overlap,
+            "guideline_version": guide.version if guide else None,
+            "elapsed_s": elapsed,
+        }
+    )
+
+
+def next_for(c: ReviewContext, reviewer: str, exclude: str | None = None) -> str | None:
+    """The prompt ``reviewer`` should review next: not claimed by someone else, not one
+    they already reviewed (an overlap prompt waiting for its second reviewer)."""
+    entries = [e for e in c.queue.list(50) if e.pid != exclude]
+    pids = [e.pid for e in entries]
+    claims = c.claims.holders(pids)
+    reviewed = c.queue.reviewed_by(pids)
+    for pid in pids:
+        held = claims.get(pid)
+        if (held is None or held.held_by(reviewer)) and reviewer not in reviewed.get(pid, ()):
+            return pid
+    return None
 
 
 def save_label(
     c: ReviewContext, pid: str, label: HumanLabel, base_key: str | None = None
 ) -> SaveResult:
     """Append the label to the prompt's history (the store write comes first and must
-    succeed), then take the prompt out of the review queue and re-run its analysis.
+    succeed), then update the review queue, release the claim and re-run the analysis.
 
-    Saving the same content again (double submit) appends nothing. ``base_key`` is the
-    current label the reviewer saw; if someone else saved after it, the result names them.
+    An overlap prompt's first review keeps it queued for a second reviewer; otherwise it
+    leaves the queue. Saving the same content again (double submit) appends nothing.
+    ``base_key`` is the current label the reviewer saw; if someone else saved after it,
+    the result names them (not for the blind second review of an overlap prompt).
     """
     found = current_label_with_key(c.store, c.exp, pid)
     if found is not None and _same(found[1], label):
         key, duplicate = found[0], True
     else:
         key, duplicate = c.store.append(K.labels_history(c.exp, pid), label), False
-    result = SaveResult(key=key, duplicate=duplicate, next_pid=None)
+    agreed = consensus(label_history(c.store, c.exp, pid))
+    result = SaveResult(key=key, duplicate=duplicate, next_pid=None, state=agreed.state)
     stale = found is not None and not duplicate and found[0] != base_key
-    if stale and found is not None and found[1].reviewer != label.reviewer:
+    blind_second = label.overlap and not label.adjudicated and base_key is None
+    if stale and found is not None and found[1].reviewer != label.reviewer and not blind_second:
         result.overwrote = (found[1].reviewer, found[1].created_at)
     try:
-        c.queue.remove(pid, status=Status.labeled)
-        result.next_pid = c.queue.next_pid(exclude=pid)
+        apply_to_queue(c, pid, agreed)
+        c.claims.release(pid, label.reviewer)
+        result.next_pid = next_for(c, label.reviewer, exclude=pid)
     except redis.RedisError as e:
         result.warnings.append(f"label saved, but the review queue was not updated: {e}")
     if not result.warnings:

@@ -87,3 +87,17 @@ def test_fingerprint_tracks_content_not_location(model_dirs: Path, tmp_path_fact
     assert fingerprint(load_experiment(write(model_dirs, BASIC + "dtype: bfloat16\n"))) != fp
     judged = BASIC + "judge: {kind: openai, model: gpt-4o}\n"
     assert fingerprint(load_experiment(write(model_dirs, judged))) == fp
+
+
+def test_review_settings_resolve_the_guide_and_leave_the_fingerprint(model_dirs: Path) -> None:
+    plain = load_experiment(write(model_dirs, BASIC))
+    assert (plain.review.overlap, plain.review.guidelines) == (0.0, None)
+    (model_dirs / "guide.md").write_text("# guide\n")
+    team = load_experiment(
+        write(model_dirs, BASIC + "review: {overlap: 0.1, claim_s: 120, guidelines: guide.md}\n")
+    )
+    assert team.review.guidelines == str((model_dirs / "guide.md").resolve())
+    assert (team.review.overlap, team.review.claim_s) == (0.1, 120)
+    assert fingerprint(team) == fingerprint(plain)  # who reviews changes no number
+    with pytest.raises(ExperimentError, match=r"review\.overlap"):
+        load_experiment(write(model_dirs, BASIC + "review: {overlap: 1.5}\n"))

@@ -7,16 +7,20 @@ from __future__ import annotations
 import base64
 import json
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from werkzeug.serving import make_server
 
 from common.experiment import Experiment
 from common.review_queue import ReviewQueue
 from common.settings import Settings, StoreSettings
 from common.store import FsStore
+from tests.conftest import REPO, require
 from tests.fixtures.data import (
     DIVERGENT,
     MILD,
@@ -129,3 +133,57 @@ def queued_tasks(client: redis.Redis, queue: str) -> list[tuple[str, dict[str, A
         assert args == []
         out.append((msg["headers"]["task"], kwargs))
     return out
+
+
+# -- real Chromium (tests marked browser) -------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture
+def live_server(app: Any) -> Iterator[str]:
+    """The app on a loopback port (werkzeug, threaded), for the browser."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+@pytest.fixture
+def chromium() -> Iterator[Any]:
+    """A headless Chromium (playwright); each ``new_page`` is a session of its own."""
+    require(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "the playwright package is missing: run `make install`")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def new_page(browser: Any) -> tuple[Any, list[str]]:
+    """A page in a fresh browser context (its own cookies: one reviewer's session) and the
+    script errors it reports."""
+    page = browser.new_context(viewport={"width": 1440, "height": 860}).new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    return page, errors

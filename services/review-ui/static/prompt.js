@@ -11,7 +11,6 @@
 (function () {
   "use strict";
   const data = JSON.parse(document.getElementById("page-data").textContent);
-  const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const rows = data.rows.map((r) => Object.assign({}, r, { label: null }));
   const $ = (id) => document.getElementById(id);
   const rowEls = rows.map((r) => $("row-" + r.i));
@@ -144,22 +143,13 @@
     submitEl.disabled = true;
     say("Saving…");
     const body = {
-      labels: rows.filter((r) => r.label).map((r) => ({
-        variant: r.variant, token_id: r.token_id, label: r.label,
-      })),
+      labels: window.emc.labelList(rows),
       bad_prompt: badEl.checked,
       note: noteEl.value,
       base_key: data.base_key,
     };
     try {
-      const resp = await fetch(data.submit_url, {
-        method: "POST",
-        headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
-        body: JSON.stringify(body),
-        credentials: "same-origin",
-      });
-      const out = await resp.json().catch(() => ({ error: "HTTP " + resp.status }));
-      if (!resp.ok) throw new Error(out.error || "HTTP " + resp.status);
+      const out = await window.emc.postJSON(data.submit_url, body);
       document.body.classList.add("saved");
       if (out.warnings && out.warnings.length) {
         // saved in the store, but a follow-up step failed: say so before moving on
@@ -186,14 +176,8 @@
     $("samples-state").textContent = "queued on the GPU worker…";
     clearTimeout(pollTimer);
     try {
-      const resp = await fetch(data.samples_url, {
-        method: "POST",
-        headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
-        body: JSON.stringify({ variant: r.variant, token_id: r.token_id, n: 3 }),
-        credentials: "same-origin",
-      });
-      const out = await resp.json();
-      if (!resp.ok) throw new Error(out.error || "HTTP " + resp.status);
+      const body = { variant: r.variant, token_id: r.token_id, n: 3 };
+      const out = await window.emc.postJSON(data.samples_url, body);
       poll(out.poll_url, Date.now());
     } catch (err) {
       $("samples-state").textContent = "could not ask for samples: " + err.message;
@@ -254,6 +238,7 @@
     else if (key === "b") toggleBad();
     else if (key === "n") noteEl.focus();
     else if (key === "c") sample(cursor);
+    else if (key === "?") $("guide").classList.toggle("hidden");
     else if (key === "q") window.location.assign(data.queue_url);
     else handled = false;
     if (handled) {

@@ -30,12 +30,22 @@
       tr.dataset.pid = it.pid;
       tr.dataset.url = it.url;
       if (!seen.has(it.pid)) tr.classList.add("fresh");
+      const other = it.claimed_by && it.claimed_by !== cfg.me;
+      if (other) {
+        tr.dataset.claimed = it.claimed_by;
+        tr.classList.add("claimed");
+      }
       cell(tr, "num", String(n + 1));
       const a = el("a");
       a.href = it.url;
       a.appendChild(el("code", "", it.pid));
       cell(tr, "", a);
-      cell(tr, "", it.divergent ? el("span", "badge evil", "divergent") : null);
+      const flags = cell(tr, "", it.divergent ? el("span", "badge evil", "divergent") : null);
+      if (it.second) flags.append(" ", el("span", "badge", "2nd review"));
+      if (it.claimed_by) {
+        const who = other ? it.claimed_by : "you";
+        flags.append(" ", el("span", "badge claim", "claimed by " + who));
+      }
       const score = cell(tr, "score");
       const bar = el("span", "bar");
       const fill = el("i");
@@ -92,8 +102,12 @@
     if (ev.key === "j" || ev.key === "ArrowDown") cursor = Math.min(n - 1, cursor + 1);
     else if (ev.key === "k" || ev.key === "ArrowUp") cursor = Math.max(0, cursor - 1);
     else if ((ev.key === "Enter" || ev.key === "o") && n) {
-      window.location.assign(tbody.rows[cursor].dataset.url);
+      // a prompt someone else has open is skipped: the next free one opens instead
+      const rows = Array.from(tbody.rows);
+      const free = rows.slice(cursor).concat(rows.slice(0, cursor)).find((tr) => !tr.dataset.claimed);
+      window.location.assign((free || tbody.rows[cursor]).dataset.url);
     } else if (ev.key === "g") window.location.assign(cfg.agreement);
+    else if (ev.key === "d") window.location.assign(cfg.adjudicate);
     else return;
     ev.preventDefault();
     mark();
