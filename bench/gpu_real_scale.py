@@ -10,7 +10,9 @@ them lazily (``lazy_encoder``/``lazy_decoder``) and prints:
 - peak VRAM of the process (``torch.cuda.max_memory_allocated``);
 - VRAM held after 5 vs after 50 graphs (goal: ratio <= 1.10; a leak shows as a ratio > 1);
 - bf16 vs fp32 top-k agreement on the same prompts (same top-1, overlap of the top-10 ids,
-  largest probability difference).
+  largest probability difference);
+- top-k prompts/s in padded batches vs one prompt at a time (and that the ids agree);
+- one graph's ``attribute()`` time, emc's driver vs stock circuit-tracer.
 
 Run it when a GPU is lent (`python bench/gpu_real_scale.py`, about 5-8 minutes on an H200
 from nothing, most of it writing the transcoders); record the printed figures in the README
@@ -164,6 +166,7 @@ def main() -> None:
     ap.add_argument("--graphs", type=int, default=50)
     ap.add_argument("--max-feature-nodes", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--topk-prompts", type=int, default=64, help="prompts for the top-k rates")
     args = ap.parse_args()
 
     import torch
@@ -249,6 +252,54 @@ def main() -> None:
             "top10_overlap": overlap / len(PROMPTS),
             "max_prob_diff": max_dp,
         }
+    # top-k: padded batches vs one prompt at a time (issue 15), same prompts, same runtime
+    texts = [
+        p.replace("\nAssistant:", f" (case {i})\nAssistant:") for i in range(64) for p in PROMPTS
+    ][: args.topk_prompts]
+    rt.top_k_many(texts[:8], "base")  # warm-up
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t1 = time.perf_counter()
+    single = [[t.token_id for t in rt.top_k(x, "base").tokens] for x in texts]
+    sync()
+    single_s = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    many = rt.top_k_many(texts, "base")
+    sync()
+    batched_s = time.perf_counter() - t1
+    same = sum(
+        hasattr(r, "tokens") and [t.token_id for t in r.tokens] == ids
+        for r, ids in zip(many, single, strict=True)
+    )
+    topk = {
+        "topk_single_prompts_per_s": round(len(texts) / single_s, 1),
+        "topk_batched_prompts_per_s": round(len(texts) / batched_s, 1),
+        "topk_batched_ratio": round(single_s / batched_s, 2),
+        "topk_ids_identical": f"{same}/{len(texts)}",
+    }
+
+    # emc's attribution driver vs stock circuit-tracer attribute() on one prompt (issue 20)
+    from services.attribution.ct import fast
+
+    model = rt.variant("base").model
+    ids0 = rt.tokenize(PROMPTS[0], "base")
+    targets = [t.token_id for t in rt.top_k(PROMPTS[0], "base").tokens]
+    lim = exp.attribution
+    speed: dict[str, float] = {}
+    for name, is_fast in (("stock", False), ("emc", True)):
+        sync()
+        t1 = time.perf_counter()
+        fast.attribute(
+            model,
+            ids0,
+            max_feature_nodes=lim.max_feature_nodes,
+            batch_size=lim.batch_size,
+            target_token_ids=targets,
+            fast=is_fast,
+        )
+        sync()
+        speed[f"attribute_{name}_s"] = round(time.perf_counter() - t1, 3)
+    speed["attribute_speedup"] = round(speed["attribute_stock_s"] / speed["attribute_emc_s"], 2)
     steady = sorted(times[1:]) or times
     figures = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -265,6 +316,8 @@ def main() -> None:
         f"vram_after_{args.graphs}_gib": round(held.get(args.graphs, 0.0), 3),
         "vram_ratio": round(held[args.graphs] / held[5], 3) if held.get(5) else None,
         **agree,
+        **topk,
+        **speed,
     }
     print(json.dumps(figures, indent=2))
     if os.environ.get("OUT"):
