@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from typing import Any
 
@@ -514,18 +515,27 @@ def test_analysis_page_without_and_with_a_ranking(
 def test_graph_viewer_is_served_behind_the_login(
     client: Any, auth: Auth, seeded: dict[str, Seeded], store: FsStore, experiment: Experiment
 ) -> None:
+    from services.review_ui.app import STRICT_CSP
+
     p = seeded["divergent"]
     assert client.get(f"/p/{p.pid}/graph/").status_code == 302
+    assert client.get(f"/p/{p.pid}/graph/view.json").status_code == 302
     auth.login()
     index = client.get(f"/p/{p.pid}/graph/")
-    assert index.status_code == 200 and "Attribution Graphs" in index.get_data(as_text=True)
-    assert client.get(f"/p/{p.pid}/graph/util.js").status_code == 200
-    assert client.get(f"/p/{p.pid}/graph/attribution_graph/cg.css").status_code == 200
-    assert client.get(f"/p/{p.pid}/graph/local_server.py").status_code == 404
-    assert client.get(f"/p/{p.pid}/graph/../../app.py").status_code == 404
-    assert client.get(f"/p/{p.pid}/graph/data/graph-metadata.json").get_json() == {"graphs": []}
-    resp = client.get(f"/p/{p.pid}/graph/graph_data/adapted.json")
+    html = index.get_data(as_text=True)
+    assert index.status_code == 200 and "No graph yet" in html
+    assert index.headers["Content-Security-Policy"] == STRICT_CSP
+    assert "unsafe" not in STRICT_CSP and "default-src 'self'" in STRICT_CSP
+    assert index.headers["X-Frame-Options"] == "DENY"
+    resp = client.get(f"/p/{p.pid}/graph/view.json")
+    assert resp.status_code == 404 and "no graph yet" in resp.get_json()["error"]
+    assert resp.headers["Content-Security-Policy"] == STRICT_CSP
+    resp = client.get(f"/p/{p.pid}/graph/adapted.circuit-tracer.json")
     assert resp.status_code == 404 and "no graph yet" in resp.get_data(as_text=True)
+    assert client.get(f"/p/{p.pid}/graph/nobody.circuit-tracer.json").status_code == 404
+    # circuit-tracer's frontend (scripts from other hosts) is not served any more
+    for old in ("util.js", "data/graph-metadata.json", "graph_data/adapted.json"):
+        assert client.get(f"/p/{p.pid}/graph/{old}").status_code == 404
     manifest = GraphManifest(
         prompt_id=p.pid,
         variant="adapted",
@@ -548,9 +558,13 @@ def test_graph_viewer_is_served_behind_the_login(
     store.put_json(
         K.graph_manifest(experiment.name, p.pid, experiment.fingerprint, "adapted"), manifest
     )
-    meta = client.get(f"/p/{p.pid}/graph/data/graph-metadata.json").get_json()
-    assert [(g["slug"], g["scan"]) for g in meta["graphs"]] == [("adapted", "toy")]
-    assert "open attribution graph" in client.get(f"/p/{p.pid}/analysis").get_data(as_text=True)
+    html = client.get(f"/p/{p.pid}/analysis").get_data(as_text=True)
+    assert "open attribution graph" in html and "adapted.circuit-tracer.json" in html
+    html = client.get(f"/p/{p.pid}/graph/").get_data(as_text=True)
+    assert 'id="viewer"' in html and "vendor/d3/d3.min.js" in html
+    # every script is a file of this origin; no inline script or style on the page
+    assert re.findall(r"<script(?![^>]*\bsrc=\"/static/)", html) == []
+    assert " style=" not in html and "<style" not in html
 
 
 def test_error_pages_are_json_under_api(client: Any, auth: Auth) -> None:
