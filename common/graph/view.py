@@ -58,8 +58,8 @@ class ViewLimits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     node_mass: float = Field(default=0.8, gt=0, le=1)
     max_nodes: int = Field(default=120, ge=1)
-    edge_mass: float = Field(default=0.95, gt=0, le=1)
-    max_edges: int = Field(default=500, ge=1)
+    edge_mass: float = Field(default=0.9, gt=0, le=1)
+    max_edges: int = Field(default=400, ge=1)
 
 
 class NodeValue(BaseModel):

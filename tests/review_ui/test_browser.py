@@ -4,14 +4,10 @@ prompt leave the queue and its label land in the store."""
 from __future__ import annotations
 
 import re
-import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from werkzeug.serving import make_server
 
 from common.experiment import Experiment
 from common.labels import current_label
@@ -20,56 +16,10 @@ from common.review_queue import ReviewQueue
 from common.store import FsStore
 from common.store import keys as K
 from services.review_ui.tasks import SAMPLE_CONTINUATIONS
-from tests.conftest import REPO, require
 from tests.fixtures.data import MILD, Seeded, seed_prompt, token_id
-from tests.review_ui.conftest import PASSWORD, queued_tasks
+from tests.review_ui.conftest import ARTIFACTS, PASSWORD, queued_tasks
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = REPO / "test-artifacts"
-
-
-@pytest.fixture
-def live_server(app: Any) -> Iterator[str]:
-    """The app on a loopback port (werkzeug, threaded), for the browser."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(5)
-
-
-@pytest.fixture
-def browser_page() -> Iterator[tuple[Any, list[str]]]:
-    """A Chromium page and the script errors it reports."""
-    require(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require(False, "the playwright package is missing: run `make install`")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1440, "height": 860})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        try:
-            yield page, errors
-        finally:
-            browser.close()
 
 
 class Keys:

@@ -148,9 +148,7 @@
   function draw(data, view) {
     const svg = d3
       .select("#graph")
-      .attr("viewBox", [0, 0, view.width, view.height].join(" "))
-      .attr("width", view.width)
-      .attr("height", view.height);
+      .attr("viewBox", [0, 0, view.width, view.height].join(" "));
     const zoomed = svg.append("g").attr("class", "zoom");
     svg.call(
       d3
@@ -269,8 +267,10 @@
       const x = nodeValue(n, mode);
       if (x !== null) scored.push(Math.abs(x));
     });
+    // square-root scale: one strong node (often the adapter) leaves the others readable
     const m = d3.max(scored) || 1;
-    const colour = d3.scaleDiverging([m, 0, -m], d3.interpolateRdBu);
+    const diverging = d3.scaleDiverging([1, 0, -1], d3.interpolateRdBu);
+    const colour = (x) => diverging(Math.sign(x) * Math.sqrt(Math.abs(x) / m));
     drawn.nodes.each(function (n) {
       const g = d3.select(this);
       const inMode = present(n, mode, data.reference);
@@ -283,6 +283,7 @@
         g.select(".node-text").classed("light", p !== null && p > 0.5);
       } else {
         shape.attr("fill", x === null ? "#fff" : colour(x));
+        g.select(".node-text").classed("light", x !== null && Math.abs(x) / m > 0.4);
       }
     });
     // a feature page of the variant on show (diff: the adapted side)
