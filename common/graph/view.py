@@ -39,13 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment
-from common.graph.artifact import load_graph
+from common.graph.artifact import graph_exists, load_graph
 from common.graph.influence import logit_influence
 from common.graph.model import AttributionGraph
 from common.graph.scores import direction_weights
 from common.labels import resolve_labels
 from common.records import Label, node_label
-from common.store import NotFound, ObjectStore
+from common.store import CorruptArtifact, NotFound, ObjectStore, keys
 
 VIEW_VERSION = 1
 
@@ -478,15 +478,19 @@ def stored_graph_view(
 ) -> GraphView:
     """:func:`graph_view` of every stored graph of a prompt, with the merged labels.
 
-    Raises :class:`NoGraphToView` when no variant has a graph, and the store's
-    ``CorruptArtifact`` for a graph that cannot be read."""
+    Raises :class:`NoGraphToView` when no variant has a graph, and
+    :class:`~common.store.CorruptArtifact` (naming the key) for one that cannot be read."""
     fp = fingerprint or exp.fingerprint
     graphs = {}
     for v in exp.variant_names:
+        if not graph_exists(store, exp.name, pid, fp, v):
+            continue
         try:
             graphs[v] = load_graph(store, exp.name, pid, fp, v)
-        except NotFound:
-            continue
+        except NotFound:  # the manifest without its tensors: not "no graph yet"
+            raise CorruptArtifact(
+                keys.graph_tensors(exp.name, pid, fp, v), "missing, its manifest exists"
+            ) from None
     if not graphs:
         raise NoGraphToView(f"no graph yet for prompt {pid}")
     labels, conflicts = merged_labels(store, exp.name, pid, fp, graphs, exp.judge.judge_id)

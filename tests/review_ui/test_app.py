@@ -562,6 +562,8 @@ def test_graph_viewer_is_served_behind_the_login(
     )
     html = client.get(f"/p/{p.pid}/analysis").get_data(as_text=True)
     assert "open attribution graph" in html and "adapted.circuit-tracer.json" in html
+    resp = client.get(f"/p/{p.pid}/graph/view.json")  # a manifest without its tensors
+    assert resp.status_code == 500 and "missing, its manifest exists" in resp.get_json()["error"]
     html = client.get(f"/p/{p.pid}/graph/").get_data(as_text=True)
     assert 'id="viewer"' in html and "vendor/d3/d3.min.js" in html
     # every script is a file of this origin; no inline script or style on the page
