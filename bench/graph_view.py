@@ -33,11 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     from common.organism import ensure_organism
     from common.settings import get_settings
     from common.store import FsStore
-    from common.store import keys as K
     from services.attribution.runtime import Runtime
-    from services.attribution.steps import compute_graph, compute_logits, ensure_prompt
     from services.attribution.viewer import export_stored
     from services.judge.factory import make_judge
+    from tests.fixtures.organism_graphs import store_judged_graphs
 
     organism = ensure_organism(args.organism or get_settings().home / "organism")
     exp = load_experiment(organism / "experiment.yaml")
@@ -49,15 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = [p["text"] for p in raw if p["domain"] == "medical" and p["split"] == "heldout"]
     pids = []
     for text in texts[: args.prompts]:
-        prompt = ensure_prompt(store, exp.name, text, source="bench")
-        logits = {t.variant: t for t in compute_logits(rt, store, prompt)}
-        for variant, verdict in judge.judge(prompt, logits).items():
-            store.put_json(
-                K.verdicts(exp.name, prompt.id, rt.fingerprint, judge.name, variant), verdict
-            )
-        for variant in exp.variant_names:
-            compute_graph(rt, store, prompt, variant, targets="union")
-        pids.append(prompt.id)
+        pids.append(store_judged_graphs(rt, store, judge, text, targets="union").id)
 
     def timed(fn: object) -> float:
         times = []

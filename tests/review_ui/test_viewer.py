@@ -18,7 +18,6 @@ import redis
 from common.experiment import Experiment, load_experiment
 from common.settings import Settings, StoreSettings
 from common.store import FsStore
-from common.store import keys as K
 from tests.conftest import REPO
 from tests.review_ui.conftest import ARTIFACTS, PASSWORD
 
@@ -63,23 +62,15 @@ def organism_graphs(
     """One medical prompt of the organism through the real steps: top-k, the lexicon judge,
     graphs of both variants on the union of their top-k (adapter node in the adapted)."""
     from services.attribution.runtime import Runtime, clear_cache
-    from services.attribution.steps import compute_graph, compute_logits, ensure_prompt
     from services.judge.factory import make_judge
+    from tests.fixtures.organism_graphs import store_judged_graphs
 
     exp = load_experiment(organism_dir / "experiment.yaml")
     store = FsStore(tmp_path_factory.mktemp("viewer-store"))
     rt = Runtime(exp, cache_dir=tmp_path_factory.mktemp("viewer-models"))
     raw = json.loads((organism_dir / "prompts.json").read_text())["prompts"]
     text = next(p["text"] for p in raw if p["domain"] == "medical" and p["split"] == "heldout")
-    prompt = ensure_prompt(store, exp.name, text, source="test")
-    logits = {t.variant: t for t in compute_logits(rt, store, prompt)}
-    judge = make_judge(exp)
-    for variant, verdict in judge.judge(prompt, logits).items():
-        store.put_json(
-            K.verdicts(exp.name, prompt.id, rt.fingerprint, judge.name, variant), verdict
-        )
-    for variant in exp.variant_names:
-        compute_graph(rt, store, prompt, variant, targets="union")
+    prompt = store_judged_graphs(rt, store, make_judge(exp), text, targets="union")
     yield store, exp, prompt.id
     clear_cache()
 
