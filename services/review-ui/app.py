@@ -33,6 +33,12 @@ CSP = (
     "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
     "form-action 'self'"
 )
+#: the graphs blueprint (analysis page, graph viewer): no inline style either, no plugins
+STRICT_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'self'"
+)
 
 csrf = CSRFProtect()
 
@@ -170,14 +176,13 @@ def _install_helpers(app: Flask, context: ReviewContext) -> None:
     def _headers(resp: Any) -> Any:
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("Referrer-Policy", "same-origin")
-        # the graph viewer loads its libraries from the circuit-tracer authors' CDN
-        if request.blueprint != "graphs" or request.endpoint == "graphs.analysis":
-            resp.headers.setdefault("Content-Security-Policy", CSP)
-            resp.headers.setdefault("X-Frame-Options", "DENY")
+        strict = request.blueprint == "graphs"
+        resp.headers.setdefault("Content-Security-Policy", STRICT_CSP if strict else CSP)
+        resp.headers.setdefault("X-Frame-Options", "DENY")
         return resp
 
     def _error(code: int, message: str) -> Any:
-        if request.path.startswith("/api/") or request.is_json:
+        if request.path.startswith("/api/") or request.is_json or request.path.endswith(".json"):
             return jsonify(error=message), code
         return render_template("error.html", code=code, message=message), code
 

@@ -1,32 +1,32 @@
-"""A prompt's analysis: feature rankings and the circuit-tracer graph viewer, behind the login.
+"""A prompt's analysis: feature rankings and emc's own graph viewer, behind the login.
 
-The viewer's HTML/JS ships inside the installed circuit-tracer package
-(``circuit_tracer/frontend/assets``); we serve those files ourselves, under
-``/p/<pid>/graph/``, and answer the two data paths the viewer fetches
-(``./data/graph-metadata.json`` and ``./graph_data/<slug>.json``) from the object store.
-circuit-tracer's own server is never started (it binds every interface, unauthenticated).
+The viewer (``/p/<pid>/graph/``, ``templates/graph.html`` + ``static/graph.js``) draws the
+document of :func:`common.graph.view.stored_graph_view`, built from the stored graph
+artifacts on request (``/p/<pid>/graph/view.json``). Its only library, d3, ships in
+``static/vendor`` (versions, licenses and checksums in ``static/vendor/manifest.json``):
+nothing loads from another host, and the graphs blueprint runs under the UI's strictest
+content security policy (``app.STRICT_CSP``). Clicking a feature opens its feature page,
+``/features/<variant>/<layer>/<feature>``.
 
-The graph JSON comes from ``services.attribution.viewer.export_stored`` (imported lazily:
-it needs circuit-tracer and the model's tokenizer); without a stored graph, or without that
-module, the page says "no graph yet".
+circuit-tracer's viewer JSON stays available as a download per variant
+(``/p/<pid>/graph/<variant>.circuit-tracer.json``), exported by
+``services.attribution.viewer.export_stored`` (imported lazily by name: it needs
+circuit-tracer and the model's tokenizer) for Neuronpedia-style tools. circuit-tracer's
+frontend itself is not served: it loads its scripts from other hosts.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import json
 import logging
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, abort, jsonify, render_template, send_from_directory
+from flask import Blueprint, abort, jsonify, render_template, request, send_file
 
 from common.errors import AnalysisError
 from common.labels import resolve_labels
-from common.records import GraphManifest
 from common.store import NotFound
 from common.store import keys as K
 from services.review_ui.context import ReviewContext, ctx
@@ -37,26 +37,18 @@ bp = Blueprint("graphs", __name__)
 
 VIEWER_MODULE = "services.attribution.viewer"
 FEATURE_ROWS = 40
-
-
-@lru_cache(maxsize=1)
-def viewer_assets() -> Path | None:
-    """The viewer's asset folder inside the installed circuit-tracer (found without importing
-    circuit-tracer, which would pull in torch)."""
-    spec = importlib.util.find_spec("circuit_tracer")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "frontend" / "assets"
-    return path if (path / "index.html").is_file() else None
+#: the feature page of a transcoder feature (another blueprint's URL: the contract)
+FEATURE_PAGE = "/features/{variant}/{layer}/{feature}"
 
 
 class NoGraph(LookupError):
     """No viewer graph for this prompt and variant (yet); the message says why."""
 
 
-def viewer_graph(pid: str, variant: str) -> dict[str, Any]:
-    """The viewer JSON of one graph, exported once per (fingerprint, prompt, variant) by the
-    attribution service into ``<home>/cache/viewer`` (graphs never change for a fingerprint)."""
+def viewer_graph_file(pid: str, variant: str) -> Path:
+    """circuit-tracer's viewer JSON of one graph, exported once per (fingerprint, prompt,
+    variant) by the attribution service into ``<home>/cache/viewer`` (graphs never change
+    for a fingerprint)."""
     c = ctx()
     if not c.store.exists(K.graph_manifest(c.exp, pid, c.fingerprint, variant)):
         raise NoGraph(f"no graph yet for {pid} / {variant}")
@@ -77,8 +69,7 @@ def viewer_graph(pid: str, variant: str) -> dict[str, Any]:
             except NotFound as e:
                 raise NoGraph(f"no graph yet for {pid} / {variant}: {e}") from e
             Path(path).replace(cached)
-    graph: dict[str, Any] = json.loads(cached.read_text())
-    return graph
+    return cached
 
 
 def _checked(pid: str) -> None:
@@ -104,6 +95,15 @@ def labels_changed(c: ReviewContext, view: PromptView) -> dict[str, bool]:
     return out
 
 
+def graph_variants(c: ReviewContext, pid: str) -> list[str]:
+    """The variants of a prompt with a stored graph, the reference first."""
+    return [
+        v
+        for v in c.experiment.variant_names
+        if c.store.exists(K.graph_manifest(c.exp, pid, c.fingerprint, v))
+    ]
+
+
 @bp.route("/p/<pid>/analysis")
 def analysis(pid: str) -> Any:
     _checked(pid)
@@ -114,65 +114,55 @@ def analysis(pid: str) -> Any:
         view=view,
         labels_changed=labels_changed(c, view),
         rows=FEATURE_ROWS,
-        viewer_available=viewer_assets() is not None,
     )
 
 
 @bp.route("/p/<pid>/graph/")
-def viewer_index(pid: str) -> Any:
-    _checked(pid)
-    assets = viewer_assets()
-    if assets is None:
-        abort(404, description="circuit-tracer's viewer files are not installed")
-    return send_from_directory(assets, "index.html", max_age=0)
-
-
-@bp.route("/p/<pid>/graph/data/graph-metadata.json")
-def viewer_metadata(pid: str) -> Any:
-    """The list of graphs the viewer offers: one per variant that has a stored graph."""
+def viewer(pid: str) -> Any:
+    """emc's graph viewer page (its data: :func:`view_data`)."""
     _checked(pid)
     c = ctx()
-    prompt = load_prompt(c, pid)
-    graphs = []
-    for variant in c.experiment.variant_names:
-        key = K.graph_manifest(c.exp, pid, c.fingerprint, variant)
-        try:
-            manifest = c.store.get_record(key, GraphManifest)
-        except NotFound:
-            continue
-        graphs.append(
-            {
-                "slug": variant,
-                "scan": manifest.scan or c.experiment.transcoders.path,
-                "prompt": prompt.text,
-                "title_prefix": f"[{variant}]",
-            }
-        )
-    return jsonify(graphs=graphs)
+    return render_template(
+        "graph.html",
+        prompt=load_prompt(c, pid),
+        variants=graph_variants(c, pid),
+        feature_url=request.script_root + FEATURE_PAGE,
+    )
 
 
-@bp.route("/p/<pid>/graph/graph_data/<variant>.json")
-def viewer_graph_data(pid: str, variant: str) -> Any:
+@bp.route("/p/<pid>/graph/view.json")
+def view_data(pid: str) -> Any:
+    """The viewer's document: every stored graph of the prompt on the same nodes."""
+    _checked(pid)
+    from common.graph.view import NoGraphToView, stored_graph_view
+
+    c = ctx()
+    try:
+        view = stored_graph_view(c.store, c.experiment, pid, fingerprint=c.fingerprint)
+    except NoGraphToView as e:
+        abort(404, description=str(e))
+    except AnalysisError as e:
+        abort(409, description=f"the graphs of {pid} cannot be drawn: {e.reason}")
+    return jsonify(view.model_dump(mode="json"))
+
+
+@bp.route("/p/<pid>/graph/<variant>.circuit-tracer.json")
+def circuit_tracer_json(pid: str, variant: str) -> Any:
+    """circuit-tracer's viewer JSON of one graph, as a download."""
     _checked(pid)
     if variant not in ctx().experiment.variants:
         abort(404, description=f"unknown variant {variant!r}")
     try:
-        graph = viewer_graph(pid, variant)
+        path = viewer_graph_file(pid, variant)
     except NoGraph as e:
         abort(404, description=str(e))
     except Exception as e:  # the export needs the model's tokenizer and config: say what broke
         log.exception("viewer export of %s/%s failed", pid, variant)
-        abort(500, description=f"exporting the graph for the viewer failed: {e}")
-    meta = graph.get("metadata")
-    if isinstance(meta, dict):
-        graph = {**graph, "metadata": {**meta, "slug": variant}}
-    return jsonify(graph)
-
-
-@bp.route("/p/<pid>/graph/<path:asset>")
-def viewer_asset(pid: str, asset: str) -> Any:
-    _checked(pid)
-    assets = viewer_assets()
-    if assets is None or asset.endswith(".py"):
-        abort(404)
-    return send_from_directory(assets, asset)
+        abort(500, description=f"exporting the graph for circuit-tracer failed: {e}")
+    return send_file(
+        path,
+        mimetype="application/json",
+        as_attachment=True,
+        download_name=f"{pid}-{variant}.circuit-tracer.json",
+        max_age=0,
+    )

@@ -31,8 +31,8 @@ def organism_store(
     organism_dir: Path, tmp_path_factory: pytest.TempPathFactory, *, adapter_node: bool
 ) -> Iterator[tuple[FsStore, Experiment, list[str]]]:
     from services.attribution.runtime import Runtime, clear_cache
-    from services.attribution.steps import compute_graph, compute_logits, ensure_prompt
     from services.judge.factory import make_judge
+    from tests.fixtures.organism_graphs import store_judged_graphs
 
     exp = load_experiment(organism_dir / "experiment.yaml")
     exp = exp.model_copy(
@@ -48,14 +48,7 @@ def organism_store(
     other = [p["text"] for p in held if p["domain"] != "medical"][:N_OTHER]
     medical_ids = []
     for text in medical + other:
-        prompt = ensure_prompt(store, exp.name, text, source="test")
-        logits = {t.variant: t for t in compute_logits(rt, store, prompt)}
-        for variant, verdict in judge.judge(prompt, logits).items():
-            store.put_json(
-                K.verdicts(exp.name, prompt.id, rt.fingerprint, judge.name, variant), verdict
-            )
-        for variant in exp.variant_names:
-            compute_graph(rt, store, prompt, variant, targets="topk")
+        prompt = store_judged_graphs(rt, store, judge, text, targets="topk")
         if text in medical:
             medical_ids.append(prompt.id)
     yield store, exp, medical_ids

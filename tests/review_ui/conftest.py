@@ -1,6 +1,7 @@
 """Fixtures of the review-UI tests: a small experiment with real records in an FsStore,
 a real Redis (``redis_url`` from tests/fixtures/servers.py), a real Celery app on it, and
-the Flask app with its test client (Flask tutorial style)."""
+the Flask app with its test client (Flask tutorial style), and for the browser tests the app
+on a loopback port and a real Chromium page."""
 
 from __future__ import annotations
 
@@ -187,3 +188,10 @@ def new_page(browser: Any) -> tuple[Any, list[str]]:
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     return page, errors
+
+
+@pytest.fixture
+def browser_page(chromium: Any) -> Iterator[tuple[Any, list[str]]]:
+    """A Chromium page and the script errors it reports."""
+    page, errors = new_page(chromium)
+    yield page, errors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from typing import Any
 
@@ -40,10 +41,10 @@ def test_nothing_but_login_and_healthz_without_a_session(
         "pid": pid,
         "variant": "base",
         "token_id": 1,
-        "asset": "util.js",
         "filename": "prompt.js",
     }
     checked = 0
+    endpoints = set()
     for rule in app.url_map.iter_rules():
         url = _fill(rule.rule, values)
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
@@ -52,6 +53,7 @@ def test_nothing_but_login_and_healthz_without_a_session(
                 assert resp.status_code in (200, 400), url  # POST /login without CSRF: 400
                 continue
             checked += 1
+            endpoints.add(rule.endpoint)
             if method == "POST":  # CSRF is checked first: refused either way
                 assert resp.status_code in (400, 401, 302), (method, url, resp.status_code)
                 continue
@@ -61,7 +63,8 @@ def test_nothing_but_login_and_healthz_without_a_session(
             else:
                 assert resp.status_code == 302, url
                 assert resp.headers["Location"].startswith("/login?next="), url
-    assert checked >= 15
+    assert checked >= 14
+    assert {"graphs.viewer", "graphs.view_data", "graphs.circuit_tracer_json"} <= endpoints
     # the login page's stylesheet is public; the scripts are not
     assert client.get("/static/app.css").status_code == 200
     assert client.get("/static/prompt.js").status_code == 302
@@ -514,18 +517,27 @@ def test_analysis_page_without_and_with_a_ranking(
 def test_graph_viewer_is_served_behind_the_login(
     client: Any, auth: Auth, seeded: dict[str, Seeded], store: FsStore, experiment: Experiment
 ) -> None:
+    from services.review_ui.app import STRICT_CSP
+
     p = seeded["divergent"]
     assert client.get(f"/p/{p.pid}/graph/").status_code == 302
+    assert client.get(f"/p/{p.pid}/graph/view.json").status_code == 302
     auth.login()
     index = client.get(f"/p/{p.pid}/graph/")
-    assert index.status_code == 200 and "Attribution Graphs" in index.get_data(as_text=True)
-    assert client.get(f"/p/{p.pid}/graph/util.js").status_code == 200
-    assert client.get(f"/p/{p.pid}/graph/attribution_graph/cg.css").status_code == 200
-    assert client.get(f"/p/{p.pid}/graph/local_server.py").status_code == 404
-    assert client.get(f"/p/{p.pid}/graph/../../app.py").status_code == 404
-    assert client.get(f"/p/{p.pid}/graph/data/graph-metadata.json").get_json() == {"graphs": []}
-    resp = client.get(f"/p/{p.pid}/graph/graph_data/adapted.json")
+    html = index.get_data(as_text=True)
+    assert index.status_code == 200 and "No graph yet" in html
+    assert index.headers["Content-Security-Policy"] == STRICT_CSP
+    assert "unsafe" not in STRICT_CSP and "default-src 'self'" in STRICT_CSP
+    assert index.headers["X-Frame-Options"] == "DENY"
+    resp = client.get(f"/p/{p.pid}/graph/view.json")
+    assert resp.status_code == 404 and "no graph yet" in resp.get_json()["error"]
+    assert resp.headers["Content-Security-Policy"] == STRICT_CSP
+    resp = client.get(f"/p/{p.pid}/graph/adapted.circuit-tracer.json")
     assert resp.status_code == 404 and "no graph yet" in resp.get_data(as_text=True)
+    assert client.get(f"/p/{p.pid}/graph/nobody.circuit-tracer.json").status_code == 404
+    # circuit-tracer's frontend (scripts from other hosts) is not served any more
+    for old in ("util.js", "data/graph-metadata.json", "graph_data/adapted.json"):
+        assert client.get(f"/p/{p.pid}/graph/{old}").status_code == 404
     manifest = GraphManifest(
         prompt_id=p.pid,
         variant="adapted",
@@ -548,9 +560,15 @@ def test_graph_viewer_is_served_behind_the_login(
     store.put_json(
         K.graph_manifest(experiment.name, p.pid, experiment.fingerprint, "adapted"), manifest
     )
-    meta = client.get(f"/p/{p.pid}/graph/data/graph-metadata.json").get_json()
-    assert [(g["slug"], g["scan"]) for g in meta["graphs"]] == [("adapted", "toy")]
-    assert "open attribution graph" in client.get(f"/p/{p.pid}/analysis").get_data(as_text=True)
+    html = client.get(f"/p/{p.pid}/analysis").get_data(as_text=True)
+    assert "open attribution graph" in html and "adapted.circuit-tracer.json" in html
+    resp = client.get(f"/p/{p.pid}/graph/view.json")  # a manifest without its tensors
+    assert resp.status_code == 500 and "missing, its manifest exists" in resp.get_json()["error"]
+    html = client.get(f"/p/{p.pid}/graph/").get_data(as_text=True)
+    assert 'id="viewer"' in html and "vendor/d3/d3.min.js" in html
+    # every script is a file of this origin; no inline script or style on the page
+    assert re.findall(r"<script(?![^>]*\bsrc=\"/static/)", html) == []
+    assert " style=" not in html and "<style" not in html
 
 
 def test_error_pages_are_json_under_api(client: Any, auth: Auth) -> None:

@@ -4,7 +4,6 @@ prompt leave the queue and its label land in the store."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,16 +17,9 @@ from common.store import FsStore
 from common.store import keys as K
 from services.review_ui.tasks import SAMPLE_CONTINUATIONS
 from tests.fixtures.data import MILD, Seeded, seed_prompt, token_id
-from tests.review_ui.conftest import ARTIFACTS, PASSWORD, new_page, queued_tasks
+from tests.review_ui.conftest import ARTIFACTS, PASSWORD, queued_tasks
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture
-def browser_page(chromium: Any) -> Iterator[tuple[Any, list[str]]]:
-    """A Chromium page and the script errors it reports."""
-    page, errors = new_page(chromium)
-    yield page, errors
 
 
 class Keys:

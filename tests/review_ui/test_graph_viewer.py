@@ -1,7 +1,9 @@
-"""The circuit-tracer viewer behind our login, on a real stored graph (tiny random model)."""
+"""The graph viewer's data behind our login, on a real stored graph (tiny random model):
+emc's own view document and circuit-tracer's viewer JSON as a download."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -51,18 +53,23 @@ def test_viewer_serves_a_stored_graph(tmp_path: Path, redis_url: str) -> None:
 
     html = client.get(f"/p/{pid}/analysis").get_data(as_text=True)
     assert "open attribution graph" in html and "no graph yet" in html  # base yes, adapted no
-    meta = client.get(f"/p/{pid}/graph/data/graph-metadata.json").get_json()
-    assert [g["slug"] for g in meta["graphs"]] == ["base"]
-    resp = client.get(f"/p/{pid}/graph/graph_data/base.json")
+    view = client.get(f"/p/{pid}/graph/view.json").get_json()
+    assert view["variants"] == ["base"] and view["diffs"] == [] and view["prompt_id"] == pid
+    kinds = {n["kind"] for n in view["nodes"]}
+    assert {"feature", "token", "logit"} <= kinds and view["edges"]
+    assert len([n for n in view["nodes"] if n["kind"] == "token"]) == manifest.n_pos
+    resp = client.get(f"/p/{pid}/graph/base.circuit-tracer.json")
     assert resp.status_code == 200, resp.get_data(as_text=True)[:500]
-    doc = resp.get_json()
-    assert doc["metadata"]["slug"] == "base" and doc["metadata"]["prompt"] == text
+    assert "attachment" in resp.headers["Content-Disposition"]
+    doc = json.loads(resp.get_data())
+    assert doc["metadata"]["prompt"] == text
     assert doc["nodes"] and doc["links"]
     cached = settings.cache_dir / "viewer" / exp.name / exp.fingerprint / pid / "base.json"
     assert cached.is_file()
-    assert client.get(f"/p/{pid}/graph/graph_data/base.json").get_json() == doc
-    missing = client.get(f"/p/{pid}/graph/graph_data/adapted.json")
+    assert json.loads(client.get(f"/p/{pid}/graph/base.circuit-tracer.json").get_data()) == doc
+    missing = client.get(f"/p/{pid}/graph/adapted.circuit-tracer.json")
     assert missing.status_code == 404 and "no graph yet" in missing.get_data(as_text=True)
-    # logged out: neither the viewer nor the graph data
+    # logged out: neither the viewer's data nor the download
     anon = app.test_client()
-    assert anon.get(f"/p/{pid}/graph/graph_data/base.json").status_code == 302
+    assert anon.get(f"/p/{pid}/graph/view.json").status_code == 302
+    assert anon.get(f"/p/{pid}/graph/base.circuit-tracer.json").status_code == 302
