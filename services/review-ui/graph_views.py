@@ -106,6 +106,8 @@ def labels_changed(c: ReviewContext, view: PromptView) -> dict[str, bool]:
 
 @bp.route("/p/<pid>/analysis")
 def analysis(pid: str) -> Any:
+    """``GET /p/<pid>/analysis``: the prompt's feature rankings per variant (404 for an unknown
+    prompt)."""
     _checked(pid)
     c = ctx()
     view = load_prompt_view(c, pid)
@@ -120,6 +122,8 @@ def analysis(pid: str) -> Any:
 
 @bp.route("/p/<pid>/graph/")
 def viewer_index(pid: str) -> Any:
+    """``GET /p/<pid>/graph/``: circuit-tracer's graph viewer page (404 when its files are not
+    installed)."""
     _checked(pid)
     assets = viewer_assets()
     if assets is None:
@@ -153,6 +157,8 @@ def viewer_metadata(pid: str) -> Any:
 
 @bp.route("/p/<pid>/graph/graph_data/<variant>.json")
 def viewer_graph_data(pid: str, variant: str) -> Any:
+    """``GET /p/<pid>/graph/graph_data/<variant>.json``: the variant's graph in the viewer's JSON
+    (404 without a graph, 500 naming what failed in the export)."""
     _checked(pid)
     if variant not in ctx().experiment.variants:
         abort(404, description=f"unknown variant {variant!r}")
@@ -171,6 +177,7 @@ def viewer_graph_data(pid: str, variant: str) -> Any:
 
 @bp.route("/p/<pid>/graph/<path:asset>")
 def viewer_asset(pid: str, asset: str) -> Any:
+    """``GET /p/<pid>/graph/<asset>``: one of the viewer's static files (never its Python files)."""
     _checked(pid)
     assets = viewer_assets()
     if assets is None or asset.endswith(".py"):
