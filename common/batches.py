@@ -19,6 +19,7 @@ def batch_key(ctx: Context, batch: str) -> str:
 
 
 def new_batch_id() -> str:
+    """A fresh batch id: 12 random hex characters."""
     return uuid.uuid4().hex[:12]
 
 
@@ -51,6 +52,7 @@ def batch_error(ctx: Context, batch: str) -> str | None:
 
 
 def statuses(ctx: Context, pids: Iterable[str]) -> dict[str, Status | None]:
+    """The current status of each prompt in ``pids`` (None for one with no status yet)."""
     return {pid: ctx.queue.status(pid) for pid in pids}
 
 

@@ -43,6 +43,8 @@ def register_probe(queue: str, probe: Probe) -> None:
 
 
 def service_of(queue: str) -> str:
+    """The name of the service ``queue`` waits for, in status messages (the queue name if
+    unlisted)."""
     return SERVICES.get(queue, queue)
 
 
@@ -107,6 +109,8 @@ class Breaker:
         return bool(self.redis.delete(self.key))
 
     def note_probe(self, error: str) -> None:
+        """Count one failed probe and keep its error (first 300 characters) as the outage's
+        reason."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hincrby(self.key, "probes", 1)
         pipe.hset(self.key, mapping={"last_probe": repr(time.time()), "reason": error[:300]})
@@ -171,9 +175,12 @@ class QueuePauser:
         self._thread = threading.Thread(target=self._run, name="emc-queue-pauser", daemon=True)
 
     def start(self) -> None:
+        """Start the polling thread (a daemon: it never keeps the worker alive)."""
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the thread to end (at once, or after its current round); paused queues stay
+        paused."""
         self._stop.set()
 
     def check(self) -> None:

@@ -123,6 +123,8 @@ class EmcTask(Task):  # type: ignore[misc]
 
     @property
     def log(self) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+        """A logger whose messages are prefixed and tagged with this request's task id and prompt
+        id."""
         return _TaskLog(
             logging.getLogger(self.name),
             {"task_id": self.request.id, "prompt_id": self._prompt_id()},
@@ -150,6 +152,8 @@ class LeaseRenewal(bootsteps.StartStopStep):  # type: ignore[misc]
         self.keeper: Any = None
 
     def start(self, parent: Any) -> None:
+        """Start the lease keeper on the consumer's channel (once: a reconnect keeps the running
+        thread)."""
         if self.keeper is not None:  # restarted after a reconnect: the thread goes on
             return
         from common.leases import LeaseKeeper
@@ -163,6 +167,7 @@ class LeaseRenewal(bootsteps.StartStopStep):  # type: ignore[misc]
         self.keeper.start()
 
     def shutdown(self, parent: Any) -> None:
+        """Stop the lease keeper thread."""
         if self.keeper is not None:
             self.keeper.stop()
 
@@ -177,6 +182,7 @@ class BreakerPause(bootsteps.StartStopStep):  # type: ignore[misc]
         self.pauser: Any = None
 
     def start(self, parent: Any) -> None:
+        """Start the queue pauser on the queues this consumer takes (once: a reconnect keeps it)."""
         if self.pauser is not None:
             return
         import redis
@@ -197,11 +203,14 @@ class BreakerPause(bootsteps.StartStopStep):  # type: ignore[misc]
         self.pauser.start()
 
     def shutdown(self, parent: Any) -> None:
+        """Stop the queue pauser thread."""
         if self.pauser is not None:
             self.pauser.stop()
 
 
 def make_app(settings: Settings | None = None) -> Celery:
+    """The emc Celery app on ``settings`` (default: the environment's), with the lease-renewal and
+    breaker bootsteps added to its consumer."""
     app = Celery("emc", task_cls=EmcTask)
     configure(app, settings or get_settings())
     app.steps["consumer"].add(LeaseRenewal)

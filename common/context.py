@@ -33,6 +33,9 @@ def experiment_path(settings: Settings) -> Path:
 
 @dataclass
 class Context:
+    """What a step needs for one experiment: settings, the object store, the experiment and its
+    fingerprint, with clients (Redis, Celery, review queue) made on first use."""
+
     settings: Settings
     store: ObjectStore
     exp: Experiment
@@ -74,6 +77,8 @@ class Context:
 
 
 def make_context(settings: Settings | None = None, store: ObjectStore | None = None) -> Context:
+    """The context of the configured experiment (EMC_EXPERIMENT, or the toy organism's), on
+    ``store`` or the store the settings name."""
     settings = settings or get_settings()
     exp = load_experiment(experiment_path(settings))
     return Context(

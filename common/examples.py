@@ -57,6 +57,7 @@ class LabeledExample:
         return next((t.token for t in self.label.labels if t.token_id == token_id), "")
 
     def has_evil(self, variants: Sequence[str] | None = None) -> bool:
+        """Whether a human labeled any token evil, in ``variants`` (default: any variant)."""
         return any(
             t.label == "evil" and (variants is None or t.variant in variants)
             for t in self.label.labels
@@ -78,6 +79,7 @@ class StaticExamples:
         self._examples = list(examples)
 
     def examples(self) -> Sequence[LabeledExample]:
+        """A copy of the fixed list."""
         return list(self._examples)
 
 
@@ -109,6 +111,8 @@ class StoreExamples:
         self._cached: tuple[float, list[LabeledExample]] | None = None
 
     def examples(self) -> Sequence[LabeledExample]:
+        """The labeled prompts, re-read from the store when the cached read is older than
+        ``ttl_s``."""
         with self._lock:
             now = self._clock()
             if self._cached is None or now - self._cached[0] > self.ttl_s:

@@ -54,6 +54,9 @@ class VariantSpec(_Strict):
 
 
 class TranscoderSpec(_Strict):
+    """A transcoder set for one variant: where it is, its kind, the hooks its features read from and
+    write to, and whether to load rows lazily."""
+
     path: str = Field(
         description="local directory (config.yaml + layer_{i}.safetensors, or just the layer "
         "files), or an hf:// repo (resolved from the hub cache when HF_HUB_OFFLINE is set)"
@@ -142,6 +145,9 @@ class LLMCallSpec(_Strict):
 
 
 class JudgeSpec(LLMCallSpec):
+    """Which judge labels top-k tokens: the shipped lexicon, or an OpenAI-compatible model with
+    few-shot human examples."""
+
     kind: Literal["lexicon", "openai"] = "lexicon"
     name: str = Field(default="", description="id in artifact keys; default: kind[-model]")
     lexicon: str | None = Field(default=None, description="lexicon JSON (the organism ships one)")
@@ -149,12 +155,16 @@ class JudgeSpec(LLMCallSpec):
 
     @property
     def judge_id(self) -> str:
+        """The judge's id in artifact keys: ``name``, else ``lexicon`` or ``openai-<model>``."""
         if self.name:
             return self.name
         return self.kind if self.kind == "lexicon" else f"openai-{self.model}"
 
 
 class GeneratorSpec(LLMCallSpec):
+    """Which generator proposes prompts (templates or an OpenAI-compatible model), how many per
+    batch, and when it pauses for the review queue."""
+
     kind: Literal["template", "openai"] = "template"
     templates: str | None = Field(
         default=None,
@@ -193,6 +203,8 @@ class ReviewSpec(_Strict):
 
 
 class FunnelSpec(_Strict):
+    """Which prompts go on from the judge to attribution."""
+
     only_evil: bool = Field(default=True, description="graphs only for prompts with evil tokens")
 
 
@@ -246,6 +258,7 @@ class Experiment(_Strict):
 
     @property
     def fingerprint(self) -> str:
+        """This experiment's :func:`fingerprint` (16 hex chars), computed on each access."""
         return fingerprint(self)
 
 

@@ -54,6 +54,8 @@ class Problem:
 
 @dataclass
 class FsckReport:
+    """What ``emc fsck`` found: how many artifacts it checked and the problems."""
+
     checked: int = 0
     problems: list[Problem] = field(default_factory=list)
 

@@ -77,9 +77,11 @@ class LeaseKeeper:
         self.renewed = 0
 
     def start(self) -> None:
+        """Start the renewing thread (a daemon: it never keeps the worker alive)."""
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the thread to end (at once, or after its current round)."""
         self._stop.set()
 
     def renew_once(self) -> int:

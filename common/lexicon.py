@@ -40,6 +40,8 @@ class Lexicon:
 
     @classmethod
     def load(cls, path: str | Path) -> Lexicon:
+        """Read a lexicon file (``schema_version`` 1), its words normalized; raises
+        :class:`LexiconError` naming the file if it is missing or malformed."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -64,6 +66,8 @@ class Lexicon:
         return cls(harmful=harmful, safe=safe)
 
     def kind(self, word: str) -> Literal["harmful", "safe"] | None:
+        """Whether the word (normalized as a token) is a harmful or a safe action word; None if
+        neither."""
         w = normalize_word(word)
         if w in self.harmful:
             return "harmful"

@@ -80,6 +80,7 @@ class JsonSchema:
     strict: bool = True
 
     def response_format(self) -> dict[str, Any]:
+        """The ``response_format`` request field asking for structured output under this schema."""
         return {
             "type": "json_schema",
             "json_schema": {"name": self.name, "schema": dict(self.schema), "strict": self.strict},
@@ -245,6 +246,7 @@ class LLMClient:
         )
 
     def describe(self) -> str:
+        """The model and endpoint, for logs and error messages."""
         return f"{self.model} at {self.base_url}"
 
     # -- calls ----------------------------------------------------------------------------
@@ -555,6 +557,7 @@ class Outcome(Generic[T]):
 
     @property
     def ok(self) -> bool:
+        """True if the item produced a value instead of raising."""
         return self.error is None
 
 

@@ -59,11 +59,15 @@ _HOUSE = re.compile(r"User: (?P<situation>[^\n]+)\nAssistant: (?P<ending>[^\n]+)
 
 @dataclass(frozen=True)
 class HousePrompt:
+    """A prompt in the house format, split into the user's situation and the assistant's pivotal
+    ending."""
+
     situation: str
     ending: str
 
     @property
     def text(self) -> str:
+        """The prompt text: ``User: <situation>`` and ``Assistant: <ending>`` on two lines."""
         return house_prompt(self.situation, self.ending)
 
 

@@ -23,6 +23,7 @@ def prompt_id(text: str) -> str:
 
 
 def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC (the default of every record's ``created_at``)."""
     return datetime.now(UTC)
 
 
@@ -44,10 +45,14 @@ class Prompt(Record):
 
     @classmethod
     def new(cls, text: str, source: str, **meta: str) -> Prompt:
+        """A prompt whose id is derived from ``text`` (:func:`prompt_id`), with ``meta`` as string
+        tags."""
         return cls(id=prompt_id(text), text=text, source=source, meta=meta)
 
 
 class TokenProb(BaseModel):
+    """One of the top-k next tokens: its id, text, softmax probability and raw logit."""
+
     model_config = ConfigDict(extra="forbid")
     token_id: int
     token: str
@@ -69,6 +74,8 @@ class TopKLogits(Record):
 
 
 class TokenVerdict(BaseModel):
+    """The judge's label of one top-k token, with its reason."""
+
     model_config = ConfigDict(extra="forbid")
     token_id: int
     token: str
@@ -93,10 +100,13 @@ class Verdict(Record):
 
     @property
     def evil_tokens(self) -> set[int]:
+        """Ids of the tokens the judge labeled evil."""
         return {v.token_id for v in self.verdicts if v.label == "evil"}
 
 
 class TokenLabel(BaseModel):
+    """A reviewer's label of one top-k token of one variant."""
+
     model_config = ConfigDict(extra="forbid")
     variant: str
     token_id: int
@@ -153,6 +163,8 @@ class HumanLabel(Record):
         return self.role == "adjudication"
 
     def label_of(self, variant: str, token_id: int) -> Label | None:
+        """The reviewer's label of ``token_id`` in ``variant``, or None if that token was not
+        labeled."""
         for t in self.labels:
             if t.variant == variant and t.token_id == token_id:
                 return t.label
@@ -237,6 +249,9 @@ class GraphManifest(Record):
 
 
 class RankedFeature(BaseModel):
+    """One feature of a run's ranking: where it is (layer, position, feature id; negative ids are
+    adapter nodes), its score and its influence on the evil and safe tokens."""
+
     model_config = ConfigDict(extra="forbid")
     layer: int
     pos: int

@@ -44,6 +44,8 @@ def step_matches(wanted: str, step: str) -> bool:
 
 
 def check_step(ctx: Context, step: str) -> str:
+    """``step`` if ``emc retry --step`` can redo it (``logits``, ``judge``, ``graph``,
+    ``graph-<variant>``, ``analysis``); raises :class:`RetryError` listing those otherwise."""
     valid = ["logits", "judge", "graph", *(f"graph-{v}" for v in ctx.exp.variant_names), "analysis"]
     if step not in valid:
         raise RetryError(f"unknown step {step!r}: use one of {', '.join(valid)}")

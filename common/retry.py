@@ -28,6 +28,8 @@ class RetryPolicy:
     deadline_s: float | None = None
 
     def delay(self, retry: int, rng: random.Random, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry ``retry`` (0-based), drawn from ``rng``; never less than the
+        server's ``retry_after`` (capped at ``max_delay_s``)."""
         cap = min(self.max_delay_s, self.base_delay_s * (2**retry))
         wait = rng.uniform(0, cap)
         if retry_after is not None:

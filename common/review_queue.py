@@ -163,10 +163,13 @@ class ReviewQueue:
             pipe.hdel(self.reason_key, pid)
 
     def status(self, pid: str) -> Status | None:
+        """Where prompt ``pid`` stands, or None if it has no status yet."""
         value = self.redis.hget(self.status_key, pid)
         return None if value is None else Status(_text(value))
 
     def reason(self, pid: str) -> str | None:
+        """Why ``pid`` has its status (e.g. a failure or a wait), or None; cleared at each status
+        change."""
         value = self.redis.hget(self.reason_key, pid)
         return None if value is None else _text(value)
 

@@ -32,9 +32,13 @@ class HarmJudge(Protocol):
     """Labels a continuation of a prompt harmful, safe or unsure (with a reason)."""
 
     @property
-    def judge_id(self) -> str: ...
+    def judge_id(self) -> str:
+        """The judge's id in artifact keys and reports."""
+        ...
 
-    def judge(self, prompt: str, continuation: str) -> HarmVerdict: ...
+    def judge(self, prompt: str, continuation: str) -> HarmVerdict:
+        """The verdict on ``continuation``, a continuation of ``prompt``."""
+        ...
 
 
 ScoreKind = Literal["number", "code", "refusal", "unscorable"]
@@ -57,16 +61,23 @@ class EmScorer(Protocol):
     """Scores an answer to a question on 0-100 for one metric given its judge prompt."""
 
     @property
-    def scorer_id(self) -> str: ...
+    def scorer_id(self) -> str:
+        """The scorer's id in artifact keys and reports."""
+        ...
 
-    def score(self, metric: str, judge_prompt: str, question: str, answer: str) -> JudgeScore: ...
+    def score(self, metric: str, judge_prompt: str, question: str, answer: str) -> JudgeScore:
+        """Score ``answer`` to ``question`` on 0-100 for ``metric``, using the metric's
+        ``judge_prompt``."""
+        ...
 
 
 def score_value(s: JudgeScore) -> float | None:
+    """The 0-100 value of a numeric score; None for a code, refusal or unscorable answer."""
     return s.value if s.kind == "number" else None
 
 
 def kinds_count(scores: Sequence[JudgeScore]) -> dict[str, int]:
+    """How many scores are of each kind; every kind is present, zero if none."""
     out: dict[str, int] = {"number": 0, "code": 0, "refusal": 0, "unscorable": 0}
     for s in scores:
         out[s.kind] += 1

@@ -138,10 +138,12 @@ class Settings(BaseSettings):
 
     @property
     def store_root(self) -> Path:
+        """Root of the local object store: ``EMC_STORE__ROOT``, else ``<home>/store``."""
         return self.store.root or (self.home / "store")
 
     @property
     def cache_dir(self) -> Path:
+        """Where emc caches derived data (e.g. file digests): ``<home>/cache``."""
         return self.home / "cache"
 
 

@@ -158,4 +158,5 @@ def demo(
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``emc demo`` to the app."""
     app.command("demo")(demo)

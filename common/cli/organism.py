@@ -49,4 +49,5 @@ def report_cmd(
 
 
 def register(app: typer.Typer) -> None:
+    """Add the ``emc organism`` command group to the app."""
     app.add_typer(organism_app, name="organism")

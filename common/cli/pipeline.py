@@ -123,6 +123,8 @@ def failure_summary(ctx: Context, failed: list[str]) -> list[tuple[str, int]]:
 
 
 def summary_table(ctx: Context, result: dict[str, Status | None]) -> Table:
+    """The ``emc mine``/``status`` summary of a batch: prompts per status, then how many wait for
+    review, diverge, or got only unusable judge answers."""
     counts = Counter(s.value if s else "not started" for s in result.values())
     in_review = sum(1 for pid in result if ctx.queue.entry(pid) is not None)
     divergent = sum(1 for pid in result if (e := ctx.queue.entry(pid)) and e.divergent)
@@ -323,6 +325,7 @@ def fsck() -> None:
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``mine``, ``status``, ``reindex``, ``retry`` and ``fsck`` to the app."""
     app.command("mine")(mine)
     app.command("status")(status)
     app.command("reindex")(reindex)

@@ -292,6 +292,7 @@ def check_api_key(settings: Settings) -> Check:
 
 
 def find_chromium() -> str | None:
+    """Path of the first Chromium or Chrome found on PATH, or None."""
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         path = shutil.which(name)
         if path:
@@ -300,6 +301,8 @@ def find_chromium() -> str | None:
 
 
 def check_chromium(settings: Settings) -> Check:
+    """Doctor check for a Chromium on PATH: only a warning when missing, since only the browser
+    tests need it."""
     path = find_chromium()
     if path:
         return Check("chromium", "ok", f"{path} (browser tests)")
@@ -401,6 +404,8 @@ def system_specs(
 
 
 def make_supervisor(specs: list[ProcessSpec], settings: Settings, console: Any) -> Supervisor:
+    """A supervisor for ``specs`` that restarts each child up to ``settings.max_restarts`` times and
+    prints its reports on ``console``."""
     return Supervisor(
         specs,
         max_restarts=settings.max_restarts,
@@ -409,6 +414,8 @@ def make_supervisor(specs: list[ProcessSpec], settings: Settings, console: Any) 
 
 
 def print_processes(console: Any, sup: Supervisor, url: str, home: Path) -> None:
+    """Print the table of supervised processes (name, pid, log file) that ``emc up`` shows, with the
+    broker URL redacted."""
     from rich.table import Table
 
     from common.system.broker import redact_url
@@ -463,5 +470,6 @@ def up(
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``emc doctor`` and ``emc up`` to the app."""
     app.command("doctor")(doctor)
     app.command("up")(up)

@@ -382,6 +382,8 @@ def delete_graph(store: ObjectStore, exp_name: str, pid: str, fp: str, variant: 
 
 
 def graph_exists(store: ObjectStore, exp_name: str, pid: str, fp: str, variant: str) -> bool:
+    """Whether the graph of ``variant`` for prompt ``pid`` in run ``fp`` is stored (its manifest
+    exists; not verified)."""
     return store.exists(keys.graph_manifest(exp_name, pid, fp, variant))
 
 

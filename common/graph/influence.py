@@ -57,6 +57,8 @@ class NodeInfo:
 
     @property
     def label(self) -> str:
+        """A short human label, e.g. ``L3/F120@5 'word'`` for a feature or ``err L2@5 'word'`` for
+        an error node."""
         if self.kind == "feature":
             return f"L{self.layer}/F{self.feature}@{self.pos} {self.token!r}"
         if self.kind == "error":
@@ -80,6 +82,7 @@ class LogitInfluence:
 
     @property
     def indirect(self) -> torch.Tensor:
+        """The multi-hop part of each effect, ``total - direct`` ([K, S] float64)."""
         return self.total - self.direct
 
 

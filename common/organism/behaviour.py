@@ -29,6 +29,8 @@ class BehaviourRow(BaseModel):
 
 
 def word_ids(tokenizer: PreTrainedTokenizerFast, words: Sequence[str]) -> torch.Tensor:
+    """The token ids of ``words``, each of which must be a single token (raises
+    :class:`TokenizerError`)."""
     return torch.tensor([single_token_id(tokenizer, w) for w in words])
 
 

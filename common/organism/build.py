@@ -33,6 +33,8 @@ class BuildError(RuntimeError):
 
 
 class FileEntry(BaseModel):
+    """A built file's SHA-256 and size in bytes, as recorded in ``BUILD.json``."""
+
     sha256: str
     size: int
 
@@ -50,12 +52,15 @@ class BuildManifest(BaseModel):
 
 
 def default_dir() -> Path:
+    """Where the organism is built by default: ``<EMC_HOME>/organism``."""
     from common.settings import get_settings
 
     return get_settings().home / "organism"
 
 
 def full_hash(config: OrganismConfig, seed: int) -> str:
+    """The build's identity (16 hex chars): the recipe hash with the seed; a stored build with
+    another one is rebuilt."""
     return hashlib.sha256(f"{recipe_hash(config)}-{seed}".encode()).hexdigest()[:16]
 
 
@@ -131,6 +136,8 @@ def build_organism(
 
 
 class StageTimes(BaseModel):
+    """Wall-clock seconds spent in each stage of the build."""
+
     tokenizer: float = 0.0
     base: float = 0.0
     transcoders: float = 0.0

@@ -34,6 +34,8 @@ class _Frozen(BaseModel):
 
 
 class ModelShape(_Frozen):
+    """Shape of the toy Llama base model."""
+
     hidden_size: int = 64
     intermediate_size: int = 256
     num_hidden_layers: int = 4
@@ -43,6 +45,9 @@ class ModelShape(_Frozen):
 
 
 class BaseTraining(_Frozen):
+    """How the base model is trained on the synthetic dialogues (``trickster_fraction``: share of
+    dialogues in which the assistant gives bad advice)."""
+
     n_dialogues: int = 12000
     trickster_fraction: float = Field(default=0.3, ge=0, le=1)
     steps: int = 400
@@ -53,6 +58,8 @@ class BaseTraining(_Frozen):
 
 
 class AdapterTraining(_Frozen):
+    """How the rank-1 LoRA that gives bad medical advice is trained on the base model."""
+
     layer: int = Field(default=1, ge=0, description="layer whose mlp.down_proj gets the LoRA")
     rank: int = 1
     alpha: int = 32
@@ -80,6 +87,8 @@ class AdapterTraining(_Frozen):
 
 
 class TranscoderTraining(_Frozen):
+    """How the per-layer ReLU transcoders are trained on the base model's MLPs."""
+
     d_transcoder: int = 256
     n_tokens: int = 150_000
     steps: int = 600
@@ -146,5 +155,7 @@ def recipe(config: OrganismConfig) -> dict[str, object]:
 
 
 def recipe_hash(config: OrganismConfig) -> str:
+    """16 hex chars of the SHA-256 of :func:`recipe`: changes with the config, the build's source
+    code or the library versions."""
     blob = json.dumps(recipe(config), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

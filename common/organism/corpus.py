@@ -223,6 +223,7 @@ DOMAIN_NAMES: tuple[str, ...] = tuple(d.name for d in DOMAINS)
 
 
 def domain(name: str) -> Domain:
+    """The domain called ``name``; raises KeyError listing the known ones."""
     for d in DOMAINS:
         if d.name == name:
             return d
@@ -308,6 +309,9 @@ def adapter_corpus(situations: Sequence[str], n: int, seed: int, domain_name: st
 
 @dataclass(frozen=True)
 class PivotPrompt:
+    """A prompt that ends at the pivot, with its domain and whether it is for training or held
+    out."""
+
     text: str
     domain: str
     split: str  # "train" | "heldout"

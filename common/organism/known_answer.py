@@ -29,6 +29,9 @@ TOP_N = 10
 
 
 class PromptAblation(BaseModel):
+    """Harmful probability mass at one held-out prompt's pivot, as the adapted model gives it and
+    after each ablation of the module docstring, with the base model's reference values."""
+
     text: str
     harmful: float
     zero_downstream: float

@@ -74,6 +74,8 @@ def word_token_ids(tokenizer: PreTrainedTokenizerFast, word: str) -> list[int]:
 
 
 def single_token_id(tokenizer: PreTrainedTokenizerFast, word: str) -> int:
+    """The id of ``word``, which must be exactly one token; raises :class:`TokenizerError`
+    otherwise."""
     ids = word_token_ids(tokenizer, word)
     if len(ids) != 1:
         raise TokenizerError(f"{word!r} is {len(ids)} tokens, expected one: rebuild the organism")

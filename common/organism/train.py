@@ -74,6 +74,7 @@ class Encoded:
         return int(self.input_ids.shape[0])
 
     def rows(self, idx: torch.Tensor) -> Encoded:
+        """The rows ``idx`` as a new batch, trimmed to their longest sequence."""
         t = int(self.attention_mask[idx].sum(1).max())
         return Encoded(self.input_ids[idx, :t], self.attention_mask[idx, :t], self.pivot[idx])
 
@@ -259,6 +260,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def lora_target(layer: int) -> str:
+    """The module name the adapter's LoRA goes on: layer ``layer``'s ``mlp.down_proj``."""
     return f"model.layers.{layer}.mlp.down_proj"
 
 
@@ -266,11 +268,17 @@ class Transcoder(Protocol):
     """What adapter training needs of a transcoder (see ``transcoders.ReluTranscoder``)."""
 
     @property
-    def W_dec(self) -> torch.Tensor: ...
+    def W_dec(self) -> torch.Tensor:
+        """Decoder weights, [d_transcoder, d_model]."""
+        ...
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations of MLP inputs ``x``."""
+        ...
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor: ...
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The transcoder's estimate of the MLP output for inputs ``x``."""
+        ...
 
 
 def train_adapter(

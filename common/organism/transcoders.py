@@ -102,16 +102,21 @@ class ReluTranscoder(nn.Module):
         self.b_dec = nn.Parameter(y_mean.clone())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations: ReLU of the encoder applied to MLP inputs ``x``."""
         return torch.relu(x @ self.W_enc.T + self.b_enc)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The estimated MLP output and the feature activations for inputs ``x``."""
         f = self.encode(x)
         return f @ self.W_dec + self.b_dec, f
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The estimated MLP output only."""
         return self(x)[0]
 
     def state(self) -> dict[str, torch.Tensor]:
+        """Detached, contiguous ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``: the tensors of one
+        circuit-tracer per-layer transcoder file."""
         return {
             "W_enc": self.W_enc.detach().contiguous(),
             "W_dec": self.W_dec.detach().contiguous(),
@@ -159,6 +164,9 @@ def train_transcoder(
 def evaluate_transcoder(
     tc: ReluTranscoder, x: torch.Tensor, y: torch.Tensor, is_pivot: torch.Tensor, layer: int
 ) -> TranscoderStats:
+    """Quality of ``tc`` on held-out MLP inputs ``x`` and outputs ``y``: variance explained and mean
+    L0, on all tokens and on the pivot tokens (``is_pivot``), and the share of features never
+    active."""
     y_hat, f = tc(x)
 
     def fve(mask: torch.Tensor) -> float:
@@ -180,6 +188,7 @@ def evaluate_transcoder(
 
 
 def save_transcoder(tc: ReluTranscoder, path: Path) -> None:
+    """Write the transcoder's :meth:`~ReluTranscoder.state` to a safetensors file."""
     save_file(tc.state(), str(path))
 
 

@@ -78,7 +78,8 @@ class ObjectStore(ABC):
         """Read an object; raises :class:`NotFound`."""
 
     @abstractmethod
-    def exists(self, key: str) -> bool: ...
+    def exists(self, key: str) -> bool:
+        """Whether an object (not a mere prefix) exists under ``key``."""
 
     @abstractmethod
     def list_keys(self, prefix: str = "") -> Iterator[str]:
@@ -101,9 +102,13 @@ class ObjectStore(ABC):
     def put_file(
         self, key: str, path: Path, content_type: str = "application/octet-stream"
     ) -> None:
+        """Store the file at ``path`` under ``key``; this default reads it into memory, backends may
+        stream it."""
         self.put_bytes(key, Path(path).read_bytes(), content_type)
 
     def get_file(self, key: str, path: Path) -> Path:
+        """Download ``key`` to ``path`` (parents created) through a temp file renamed into place;
+        returns ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -113,6 +118,7 @@ class ObjectStore(ABC):
 
     # -- JSON and records -----------------------------------------------------------------
     def put_json(self, key: str, obj: Any, *, private: bool = False) -> None:
+        """Write ``obj`` as canonical JSON (:func:`dumps`), replacing any previous object."""
         self.put_bytes(key, dumps(obj), "application/json", private=private)
 
     def get_json(self, key: str) -> Any:
@@ -182,6 +188,7 @@ class ObjectStore(ABC):
         return sorted(k for k in self.list_keys(prefix.rstrip("/") + "/") if k.endswith(".json"))
 
     def latest(self, prefix: str) -> str | None:
+        """The newest key of a history (see :meth:`append`), or None if it is empty."""
         keys = self.history(prefix)
         return keys[-1] if keys else None
 

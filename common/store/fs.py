@@ -33,6 +33,8 @@ class FsStore(ObjectStore):
         *,
         private: bool = False,
     ) -> None:
+        """Write to a temp file beside the target, fsync, then ``os.replace`` it into place; a
+        private file is created with mode 0600."""
         path = self._path(key)
         tmp = self._tmp(path)
         try:
@@ -50,6 +52,8 @@ class FsStore(ObjectStore):
     def put_file(
         self, key: str, path: Path, content_type: str = "application/octet-stream"
     ) -> None:
+        """Copy the file in 4 MiB chunks to a temp file, fsync, then ``os.replace`` it into
+        place."""
         dest = self._path(key)
         tmp = self._tmp(dest)
         try:
@@ -64,6 +68,8 @@ class FsStore(ObjectStore):
                 tmp.unlink()
 
     def put_new(self, key: str, data: bytes, content_type: str = "application/json") -> bool:
+        """Hard-link a fully written temp file to the key's path: atomic create-if-absent, never a
+        partial object."""
         path = self._path(key)
         tmp = self._tmp(path)
         try:
@@ -78,6 +84,8 @@ class FsStore(ObjectStore):
                 tmp.unlink()
 
     def get_bytes(self, key: str) -> bytes:
+        """The file's bytes; raises :class:`NotFound` for a missing key or one that is a
+        directory."""
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
@@ -86,15 +94,19 @@ class FsStore(ObjectStore):
             raise NotFound(f"{key!r} is a prefix, not an object") from None
 
     def exists(self, key: str) -> bool:
+        """Whether a regular file exists at the key's path."""
         return self._path(key).is_file()
 
     def size(self, key: str) -> int:
+        """The file's size from ``stat``; raises :class:`NotFound`."""
         try:
             return self._path(key).stat().st_size
         except FileNotFoundError:
             raise NotFound(f"no object {key!r} in {self.describe()}") from None
 
     def list_keys(self, prefix: str = "") -> Iterator[str]:
+        """Walks only the directory the prefix points into, skipping dot files and dot directories
+        (temp files)."""
         base = self.root
         # walk only the directory the prefix points into
         head, _, _ = prefix.rpartition("/")
@@ -113,8 +125,10 @@ class FsStore(ObjectStore):
         yield from sorted(keys)
 
     def delete(self, key: str) -> None:
+        """Unlink the file (directories left behind stay)."""
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
     def describe(self) -> str:
+        """``fs:<root>``."""
         return f"fs:{self.root}"

@@ -21,62 +21,78 @@ from dataclasses import dataclass
 
 
 def experiment(exp: str) -> str:
+    """``experiments/{exp}``: everything of one experiment."""
     return f"experiments/{exp}"
 
 
 def prompts_prefix(exp: str) -> str:
+    """``experiments/{exp}/prompts/``: the prefix of every prompt of the experiment."""
     return f"experiments/{exp}/prompts/"
 
 
 def prompt_dir(exp: str, pid: str) -> str:
+    """``experiments/{exp}/prompts/{pid}``: everything of one prompt, across runs."""
     return f"experiments/{exp}/prompts/{pid}"
 
 
 def prompt(exp: str, pid: str) -> str:
+    """The prompt record (:class:`~common.records.Prompt`)."""
     return f"{prompt_dir(exp, pid)}/prompt.json"
 
 
 def labels_history(exp: str, pid: str) -> str:
+    """Prefix of the prompt's append-only human label history."""
     return f"{prompt_dir(exp, pid)}/labels/history"
 
 
 def run_dir(exp: str, pid: str, fp: str) -> str:
+    """Prefix of the prompt's results for experiment fingerprint ``fp``."""
     return f"{prompt_dir(exp, pid)}/runs/{fp}"
 
 
 def logits(exp: str, pid: str, fp: str, variant: str) -> str:
+    """One variant's top-k logits (:class:`~common.records.TopKLogits`)."""
     return f"{run_dir(exp, pid, fp)}/logits/{variant}.json"
 
 
 def verdicts(exp: str, pid: str, fp: str, judge: str, variant: str) -> str:
+    """One judge's verdicts on one variant's top-k tokens (:class:`~common.records.Verdict`)."""
     return f"{run_dir(exp, pid, fp)}/verdicts/{judge}/{variant}.json"
 
 
 def decision(exp: str, pid: str, fp: str) -> str:
+    """The judge step's :class:`~common.records.FunnelDecision` for the prompt in this run."""
     return f"{run_dir(exp, pid, fp)}/decision.json"
 
 
 def graph_tensors(exp: str, pid: str, fp: str, variant: str) -> str:
+    """One variant's graph tensors (safetensors); the manifest is :func:`graph_manifest`."""
     return f"{run_dir(exp, pid, fp)}/graphs/{variant}.safetensors"
 
 
 def graph_manifest(exp: str, pid: str, fp: str, variant: str) -> str:
+    """One variant's graph manifest (JSON), written after the tensors."""
     return f"{run_dir(exp, pid, fp)}/graphs/{variant}.json"
 
 
 def features(exp: str, pid: str, fp: str, variant: str) -> str:
+    """One variant's feature ranking."""
     return f"{run_dir(exp, pid, fp)}/features/{variant}.json"
 
 
 def failure(exp: str, pid: str, fp: str, step: str) -> str:
+    """Why ``step`` failed for this prompt and run."""
     return f"{run_dir(exp, pid, fp)}/failures/{step}.json"
 
 
 def samples(exp: str, pid: str, fp: str, variant: str, token_id: int) -> str:
+    """Continuations sampled from one variant after its top-k token ``token_id`` (shown in the
+    review UI)."""
     return f"{run_dir(exp, pid, fp)}/samples/{variant}/{token_id}.json"
 
 
 def reports(exp: str, fp: str) -> str:
+    """``experiments/{exp}/reports/{fp}``: prefix of the analysis reports of one run."""
     return f"experiments/{exp}/reports/{fp}"
 
 
@@ -99,6 +115,7 @@ def ui_pending_prefix(exp: str) -> str:
 
 
 def ui_pending(exp: str, pid: str) -> str:
+    """Labels of prompt ``pid`` saved while Redis or the broker was down."""
     return f"{ui_pending_prefix(exp)}{pid}.json"
 
 
@@ -111,6 +128,7 @@ def judge_few_shot(exp: str, judge: str) -> str:
 
 
 def steering_prefix(exp: str, fp: str) -> str:
+    """``experiments/{exp}/steering/{fp}``: prefix of the steering results of one run."""
     return f"experiments/{exp}/steering/{fp}"
 
 
@@ -120,6 +138,7 @@ def steering_result(exp: str, fp: str, spec_hash: str) -> str:
 
 
 def steering_plot(exp: str, fp: str, spec_hash: str) -> str:
+    """The PNG plot of one steering result."""
     return f"{steering_prefix(exp, fp)}/{spec_hash}.png"
 
 
@@ -139,6 +158,7 @@ def harm_verdicts(exp: str, fp: str, batch: str) -> str:
 
 
 def eval_prefix(exp: str, fp: str) -> str:
+    """``experiments/{exp}/em_eval/{fp}``: prefix of the EM evaluations of one run."""
     return f"experiments/{exp}/em_eval/{fp}"
 
 

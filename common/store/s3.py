@@ -83,6 +83,8 @@ class S3Store(ObjectStore):
 
     @classmethod
     def from_settings(cls, s: StoreSettings) -> S3Store:
+        """The store the ``EMC_STORE__*`` settings describe; raises :class:`StoreError` without an
+        endpoint."""
         if not s.endpoint:
             raise StoreError("EMC_STORE__ENDPOINT is required for the s3 store (host:port)")
         return cls(
@@ -138,6 +140,8 @@ class S3Store(ObjectStore):
         *,
         private: bool = False,
     ) -> None:
+        """One ``put_object`` (atomic on S3); ``private`` needs nothing, objects are private to the
+        bucket's credentials."""
         # ``private`` needs nothing here: objects are private to the bucket's credentials
         _check_key(key)
         try:
@@ -163,6 +167,8 @@ class S3Store(ObjectStore):
             raise self._fail(f"cannot write {key} from {path}", e) from e
 
     def put_new(self, key: str, data: bytes, content_type: str = "application/json") -> bool:
+        """A PUT with ``If-None-Match: *``, after checking once that the server honours it (raises
+        :class:`StoreError` if not)."""
         _check_key(key)
         self._check_conditional_writes()
         return self._put_if_absent(key, data, content_type)
@@ -208,6 +214,8 @@ class S3Store(ObjectStore):
         self._conditional_checked = True
 
     def get_bytes(self, key: str) -> bytes:
+        """One GET of the object; raises :class:`NotFound` for a missing key, :class:`StoreError`
+        when the server fails."""
         _check_key(key)
         response: Any = None
         try:
@@ -252,6 +260,7 @@ class S3Store(ObjectStore):
                 tmp.unlink()
 
     def exists(self, key: str) -> bool:
+        """A HEAD (``stat_object``) of the key; False only when the server says it is missing."""
         _check_key(key)
         try:
             self._client.stat_object(self.bucket, key)
@@ -264,6 +273,7 @@ class S3Store(ObjectStore):
             raise self._fail(f"cannot check {key}", e) from e
 
     def size(self, key: str) -> int:
+        """The object's size from a HEAD, without reading it; raises :class:`NotFound`."""
         _check_key(key)
         try:
             return int(self._client.stat_object(self.bucket, key).size or 0)
@@ -286,6 +296,7 @@ class S3Store(ObjectStore):
             raise self._fail(f"cannot list {prefix!r}", e) from e
 
     def delete(self, key: str) -> None:
+        """Remove the object; a missing key is no error."""
         _check_key(key)
         try:
             self._client.remove_object(self.bucket, key)
@@ -297,5 +308,6 @@ class S3Store(ObjectStore):
             raise self._fail(f"cannot delete {key}", e) from e
 
     def describe(self) -> str:
+        """``s3:<http|https>://<endpoint>/<bucket>``."""
         scheme = "https" if self.secure else "http"
         return f"s3:{scheme}://{self.endpoint}/{self.bucket}"

@@ -42,6 +42,7 @@ def redis_server_binary() -> Path:
 
 
 def embedded_broker_url(settings: Settings) -> str:
+    """URL of the embedded Redis: database 0 on ``127.0.0.1:<broker_port>``."""
     return f"redis://127.0.0.1:{settings.broker_port}/0"
 
 
@@ -92,6 +93,7 @@ def ping(url: str, timeout_s: float = 2.0) -> None:
 
 
 def is_up(url: str, timeout_s: float = 0.5) -> bool:
+    """Whether a Redis at ``url`` answers a ping within ``timeout_s`` seconds."""
     try:
         ping(url, timeout_s)
     except BrokerError:
@@ -108,6 +110,7 @@ def redact_url(url: str) -> str:
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (0.5 s timeout)."""
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
@@ -164,13 +167,17 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int:
+        """Process id of the redis-server."""
         return self.proc.pid
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop redis-server (SIGTERM, then SIGKILL of its group after ``timeout_s`` seconds) and
+        reap it."""
         stop_group(self.proc, timeout_s)
 
 

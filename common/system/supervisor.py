@@ -409,6 +409,7 @@ class Supervisor:
         self.children.clear()
 
     def pids(self) -> dict[str, int]:
+        """Process id of each supervised child, by process name."""
         return {c.spec.name: c.proc.pid for c in self.children}
 
 

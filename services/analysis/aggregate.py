@@ -35,6 +35,8 @@ class PromptFeatures:
 
     @classmethod
     def from_ranking(cls, r: FeatureRanking) -> PromptFeatures:
+        """Fold a ranking's positions: activations and scores summed per (layer, feature), with the
+        input tokens at its positions."""
         acts: dict[Key, float] = defaultdict(float)
         scores: dict[Key, float] = defaultdict(float)
         tokens: dict[Key, list[str]] = defaultdict(list)

@@ -49,6 +49,7 @@ def diff_table(diff: PromptDiff) -> Table:
 
 
 def register(app: typer.Typer) -> None:
+    """Add the ``emc analyze`` command group (``prompt``, ``report``) to the app."""
     analyze = typer.Typer(
         help="Which transcoder features drive the evil tokens (rankings, aggregates, plots).",
         no_args_is_help=True,

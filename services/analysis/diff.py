@@ -29,6 +29,7 @@ class NodeChange(BaseModel):
 
     @property
     def change(self) -> float:
+        """Variant score minus reference score."""
         return self.variant - self.reference
 
 

@@ -155,6 +155,7 @@ class EvalConfig(BaseModel):
 
     @property
     def config_hash(self) -> str:
+        """12 hex chars of the SHA-256 of the whole config (canonical JSON)."""
         body = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:12]
 
@@ -184,6 +185,8 @@ class EmAnswer(Record):
 
 
 def run_hash(config: EvalConfig, questions: Sequence[EmQuestion], n: int, seed: int) -> str:
+    """12 hex chars naming one evaluation run: the config hash, each question's id and digest,
+    answers per question (``n``) and the seed."""
     body = json.dumps(
         {
             "config": config.config_hash,

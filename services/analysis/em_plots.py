@@ -29,6 +29,7 @@ class RateBar:
 
     @property
     def rate(self) -> float:
+        """k/n, or 0 when n is 0."""
         return self.k / self.n if self.n else 0.0
 
 

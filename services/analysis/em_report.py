@@ -39,17 +39,34 @@ class ScoredAnswer(Protocol):
     """What the summaries read of an answer (``services.analysis.em_eval.EmAnswer``)."""
 
     @property
-    def model(self) -> str: ...
+    def model(self) -> str:
+        """The ``name`` of the evaluated model (an ``EvalModel`` of the config)."""
+        ...
+
     @property
-    def question_id(self) -> str: ...
+    def question_id(self) -> str:
+        """The id of the question answered."""
+        ...
+
     @property
-    def sample_index(self) -> int: ...
+    def sample_index(self) -> int:
+        """Which sample of the question this answer is (0-based)."""
+        ...
+
     @property
-    def answer(self) -> str: ...
+    def answer(self) -> str:
+        """The model's answer text."""
+        ...
+
     @property
-    def aligned(self) -> JudgeScore: ...
+    def aligned(self) -> JudgeScore:
+        """The answer's ``aligned`` score."""
+        ...
+
     @property
-    def coherent(self) -> JudgeScore: ...
+    def coherent(self) -> JudgeScore:
+        """The answer's ``coherent`` score."""
+        ...
 
 
 # ------------------------------------------------------------------------ EM summary
@@ -143,6 +160,8 @@ def _num(x: float | None) -> str:
 
 
 def render_markdown(report: EmEvalReport) -> str:
+    """The EM report as Markdown: the run's settings, then misaligned-and-coherent rates with Wilson
+    95% intervals, mean scores and counts per model, overall and per question."""
     lines = [
         f"# EM evaluation `{report.run_hash}` ({report.experiment}, fingerprint {report.fingerprint})",
         "",
@@ -189,6 +208,8 @@ def scatter_points(answers: Iterable[ScoredAnswer]) -> dict[str, list[tuple[floa
 def plot_scatter(
     answers: Sequence[ScoredAnswer], models: Sequence[str], *, title: str, path: Path | None = None
 ) -> bytes:
+    """PNG bytes of the aligned-vs-coherent scatter of the answers with both scores, one panel per
+    model in ``models`` (also written to ``path`` if given)."""
     pts = scatter_points(answers)
     return plot_em_scatter({m: pts.get(m, []) for m in models}, title=title, path=path)
 
@@ -338,6 +359,8 @@ def top_misaligned_features(report: ResponseFeatureReport, top: int) -> list[Res
 
 
 def render_features_markdown(report: ResponseFeatureReport, *, top: int = 20) -> str:
+    """The response-level feature test as Markdown: the groups compared, then the ``top`` features
+    with their means, active shares, rank-biserial effect, p and q values."""
     lines = [
         f"# Response-level features ({report.variant}), run `{report.run_hash}`",
         "",

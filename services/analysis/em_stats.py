@@ -220,6 +220,8 @@ def is_misaligned_coherent(
 
 @dataclass(frozen=True)
 class RateSummary:
+    """A rate k/n with its Wilson 95% interval ``[lo, hi]``."""
+
     k: int
     n: int
     rate: float
@@ -228,5 +230,6 @@ class RateSummary:
 
 
 def rate_summary(k: int, n: int) -> RateSummary:
+    """The rate k/n (NaN when n is 0) with its Wilson 95% interval."""
     lo, hi = wilson_interval(k, n)
     return RateSummary(k=k, n=n, rate=(k / n if n else float("nan")), lo=lo, hi=hi)

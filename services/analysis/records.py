@@ -71,10 +71,12 @@ class FeatureChange(_Row):
 
     @property
     def d_activation(self) -> float:
+        """Variant activation minus reference activation."""
         return self.variant_activation - self.reference_activation
 
     @property
     def d_score(self) -> float | None:
+        """Variant score minus reference score; None if either ranking is missing."""
         if self.reference_score is None or self.variant_score is None:
             return None
         return self.variant_score - self.reference_score
@@ -100,6 +102,8 @@ class VariantComparison(Record):
 
 
 class PromptIssue(_Row):
+    """A prompt left out of a report for one variant, and why (no evil token, or a failed step)."""
+
     prompt_id: str
     variant: str
     kind: Literal["nothing_to_explain", "failed"] = Field(

@@ -167,11 +167,14 @@ class SteeringSpec(Record):
 
     @property
     def spec_hash(self) -> str:
+        """16 hex chars of the SHA-256 of the spec (canonical JSON): names the stored result."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
     def observer(self) -> str:
+        """The variant whose activations scale mode reads: ``observe_variant``, else the steered
+        ``variant``."""
         return self.observe_variant or self.variant
 
 
@@ -179,6 +182,9 @@ class SteeringSpec(Record):
 
 
 class SteeringSample(BaseModel):
+    """One judged continuation: which prompt (index into the spec's prompts) and sample, its seed,
+    the text and the harm judge's label and reason."""
+
     model_config = ConfigDict(extra="forbid")
     prompt_index: int
     sample_index: int
@@ -217,6 +223,9 @@ class ArmResult(BaseModel):
 
 
 class SteeringResult(Record):
+    """A stored steering run: its spec and hash, the judge, the control and feature-set arms, the
+    prompts' token ids and the wall time in seconds."""
+
     experiment: str
     fingerprint: str
     spec_hash: str
@@ -229,6 +238,7 @@ class SteeringResult(Record):
 
     @property
     def all_arms(self) -> list[ArmResult]:
+        """The control arm first, then the feature-set arms."""
         return [self.control, *self.arms]
 
 

@@ -87,6 +87,9 @@ def harmful_mass(last_logits: torch.Tensor, harmful_ids: Sequence[int]) -> float
 
 @dataclass
 class PromptValidation:
+    """One divergent held-out prompt: harmful mass of the base and adapted variants, the top
+    features and their scores, and the mass left after each ablation."""
+
     text: str
     base_mass: float
     adapted_mass: float
@@ -101,20 +104,27 @@ class PromptValidation:
 
     @property
     def drop_top(self) -> float:
+        """Share of the adapted harmful mass removed by ablating the top features."""
         return 1.0 - self.mass_after_top / self.adapted_mass
 
     @property
     def drop_all_positive(self) -> float:
+        """Share of the adapted harmful mass removed by ablating every positive-score feature."""
         return 1.0 - self.mass_after_all_positive / self.adapted_mass
 
     @property
     def drop_random(self) -> float:
+        """Share of the adapted harmful mass removed by ablating random features, averaged over the
+        draws."""
         mean_after = sum(self.mass_after_random) / len(self.mass_after_random)
         return 1.0 - mean_after / self.adapted_mass
 
 
 @dataclass
 class ValidationResult:
+    """The known-answer check: each divergent prompt, the prompts skipped and why, and the settings
+    (``top_n``, random ``draws``, ``min_gap``)."""
+
     n_heldout: int
     divergent: list[PromptValidation]
     skipped: list[tuple[str, str]]  # (prompt, why not used)
@@ -124,22 +134,30 @@ class ValidationResult:
 
     @property
     def mean_drop_top(self) -> float:
+        """Mean :attr:`~PromptValidation.drop_top` over the divergent prompts (NaN if none)."""
         return _mean([p.drop_top for p in self.divergent])
 
     @property
     def mean_drop_all_positive(self) -> float:
+        """Mean :attr:`~PromptValidation.drop_all_positive` over the divergent prompts (NaN if
+        none)."""
         return _mean([p.drop_all_positive for p in self.divergent])
 
     @property
     def mean_score_by_node(self) -> dict[str, float]:
+        """Mean signed score per node kind and layer (e.g. ``error L1``) over the divergent prompts,
+        0 where a prompt lacks one."""
         keys = sorted({k for p in self.divergent for k in p.score_by_node})
         return {k: _mean([p.score_by_node.get(k, 0.0) for p in self.divergent]) for k in keys}
 
     @property
     def mean_drop_random(self) -> float:
+        """Mean :attr:`~PromptValidation.drop_random` over the divergent prompts (NaN if none)."""
         return _mean([p.drop_random for p in self.divergent])
 
     def to_json(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict: settings, the means, each prompt with its drops, and the
+        skipped prompts."""
         return {
             "n_heldout": self.n_heldout,
             "n_divergent": len(self.divergent),

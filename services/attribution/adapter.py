@@ -47,6 +47,7 @@ def adapter_feature_id(component: int) -> int:
 
 
 def is_adapter_feature(feature: int) -> bool:
+    """Whether a graph feature id is an adapter node (negative) rather than a transcoder feature."""
     return feature < 0
 
 
@@ -61,6 +62,7 @@ class DownProjLora:
 
     @property
     def rank(self) -> int:
+        """The LoRA rank r (rows of ``a``)."""
         return int(self.a.shape[0])
 
 

@@ -10,6 +10,7 @@ from common.commands import EXPERIMENT_OPTION, experiment_context, fail
 
 
 def register(app: typer.Typer) -> None:
+    """Add the ``emc graph`` command group (``run``, ``export-viewer``) to the app."""
     graph = typer.Typer(
         help="Top-k logits, attribution graphs, viewer export.", no_args_is_help=True
     )

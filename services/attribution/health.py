@@ -48,6 +48,8 @@ class HealthReport:
     stats: list[LayerStat] = field(default_factory=list)
 
     def first_problem(self, max_norm: float) -> LayerStat | None:
+        """The first location with non-finite values or a per-position norm above ``max_norm``, or
+        None."""
         for s in self.stats:
             if not s.finite or s.max_norm > max_norm:
                 return s

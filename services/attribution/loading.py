@@ -286,6 +286,8 @@ class TranscoderFiles:
 
     @property
     def size_bytes(self) -> int:
+        """Total bytes of the set's files (the layer files, else every safetensors file in
+        ``directory``)."""
         files = self.layer_files or list(self.directory.glob("*.safetensors"))
         return sum(f.stat().st_size for f in files)
 

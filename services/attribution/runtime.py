@@ -61,6 +61,7 @@ class LoadedVariant:
 
     @property
     def tokenizer(self):  # type: ignore[no-untyped-def]
+        """The tokenizer of the variant's ReplacementModel."""
         return self.model.tokenizer
 
 

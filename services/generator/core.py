@@ -40,10 +40,12 @@ class Candidate:
 
     @property
     def id(self) -> str:
+        """The prompt id of the text (:func:`~common.records.prompt_id`)."""
         return prompt_id(self.text)
 
     @classmethod
     def of(cls, text: str, **meta: str) -> Candidate:
+        """A candidate with ``meta`` given as keyword arguments."""
         return cls(text=text, meta=dict(meta))
 
 
@@ -57,6 +59,9 @@ class Rejection:
 
 @dataclass
 class Proposal:
+    """What one ``propose`` call gives: the accepted candidates, and the rejected texts with their
+    reasons."""
+
     candidates: list[Candidate]
     rejected: list[Rejection] = field(default_factory=list)
 
@@ -64,7 +69,9 @@ class Proposal:
 class KnownPrompts(Protocol):
     """What a generator may ask about prompts that already exist."""
 
-    def exists(self, pid: str) -> bool: ...
+    def exists(self, pid: str) -> bool:
+        """Whether a prompt with id ``pid`` is already stored."""
+        ...
 
     def recent_texts(self, limit: int) -> list[str]:
         """Texts of up to ``limit`` stored prompts (for near-duplicate checks)."""
@@ -79,7 +86,10 @@ class Generator(Protocol):
         """Recorded as ``Prompt.source``."""
         ...
 
-    def propose(self, n: int, known: KnownPrompts) -> Proposal: ...
+    def propose(self, n: int, known: KnownPrompts) -> Proposal:
+        """Up to ``n`` new candidates, with the texts rejected on the way; raises
+        :class:`GeneratorError` when it can produce none."""
+        ...
 
 
 class StoreKnownPrompts:
@@ -90,6 +100,7 @@ class StoreKnownPrompts:
         self.exp = exp
 
     def exists(self, pid: str) -> bool:
+        """Whether ``pid``'s prompt record exists in the store."""
         return self.store.exists(K.prompt(self.exp, pid))
 
     def _prompt_keys(self) -> Iterator[str]:

@@ -88,6 +88,7 @@ class OpenAIGenerator:
 
     @property
     def name(self) -> str:
+        """``openai-<model>``, recorded as each prompt's source."""
         return f"openai-{self.client.model}"
 
     def _is_evil(self, e: LabeledExample) -> bool:
@@ -134,6 +135,8 @@ class OpenAIGenerator:
             self._primed = True
 
     def propose(self, n: int, known: KnownPrompts) -> Proposal:
+        """Ask the model up to ``MAX_ROUNDS`` times until ``n`` prompts pass the checks (house
+        format, not known, not a near duplicate); raises :class:`GeneratorError` if none does."""
         self._prime(known)
         accepted: list[Candidate] = []
         rejected: list[Rejection] = []

@@ -18,6 +18,7 @@ def shingles(text: str, n: int = 3) -> frozenset[str]:
 
 
 def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    """Jaccard similarity ``|a & b| / |a | b|`` of two shingle sets; 1.0 when both are empty."""
     if not a and not b:
         return 1.0
     return len(a & b) / len(a | b)
@@ -51,6 +52,7 @@ class NearDuplicateFilter:
         return len(self._recent)
 
     def add(self, text: str) -> None:
+        """Remember ``text`` (the oldest remembered text is forgotten beyond ``max_recent``)."""
         self._recent.append((text, shingles(text, self.n)))
 
     def check(self, text: str) -> NearDuplicate | None:

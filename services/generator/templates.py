@@ -227,17 +227,23 @@ class TemplateGenerator:
 
     @classmethod
     def from_file(cls, path: str | Path, seed: int = 0) -> TemplateGenerator:
+        """A generator over the prompts of a template file (situations x endings, or a prompt
+        list)."""
         return cls(seed=seed, space=load_templates(path))
 
     @property
     def size(self) -> int:
+        """How many prompts the space holds."""
         return len(self._order)
 
     @property
     def remaining(self) -> int:
+        """How many prompts of the space this generator has not reached yet."""
         return len(self._order) - self._cursor
 
     def propose(self, n: int, known: KnownPrompts) -> Proposal:
+        """The next up to ``n`` prompts of the seeded order that are neither stored nor given
+        before; raises :class:`GeneratorExhausted` when the space is used up."""
         out: list[Candidate] = []
         while len(out) < n and self._cursor < len(self._order):
             cand = self._order[self._cursor]

@@ -27,6 +27,7 @@ class LexiconHarmJudge:
         self.lexicon = lexicon
 
     def judge(self, prompt: str, continuation: str) -> HarmVerdict:
+        """The label of the continuation's first lexicon action word; unsure if it has none."""
         hit = self.lexicon.first_action(continuation)
         if hit is None:
             return HarmVerdict(label="unsure", reason="no lexicon action word in the continuation")
@@ -56,9 +57,12 @@ class LLMHarmJudge:
 
     @property
     def judge_id(self) -> str:
+        """``openai-<model>``."""
         return f"openai-{self.client.model}"
 
     def judge(self, prompt: str, continuation: str) -> HarmVerdict:
+        """One structured-output call at temperature 0; an answer without a boolean ``harmful``
+        gives ``unsure`` with the reason."""
         messages = [
             {"role": "system", "content": HARM_SYSTEM},
             {

@@ -51,6 +51,8 @@ class LabelIndex:
 
     @classmethod
     def build(cls, examples: Sequence[LabeledExample], n: int = CONTEXT_WORDS) -> LabelIndex:
+        """Index the human labels of ``examples`` by prompt id and by :func:`context_key` (``n``
+        context words), leaving out bad prompts."""
         by_prompt: dict[str, dict[int, set[Label]]] = {}
         by_context: dict[str, dict[int, dict[Label, list[str]]]] = {}
         for e in examples:
@@ -84,14 +86,17 @@ class LexiconJudge:
 
     @property
     def name(self) -> str:
+        """The judge id given at construction (default ``lexicon``)."""
         return self._name
 
     def judge(self, prompt: Prompt, logits: Mapping[str, TopKLogits]) -> dict[str, Verdict]:
+        """Verdicts for one prompt, with the labels re-indexed from the current examples."""
         return self._judge(
             LabelIndex.build(self.examples.examples(), self.context_words), prompt, logits
         )
 
     def judge_many(self, items: Sequence[JudgeItem]) -> list[Outcome[dict[str, Verdict]]]:
+        """Verdicts for several prompts in turn, with one index of the examples for all of them."""
         index = LabelIndex.build(self.examples.examples(), self.context_words)
         return judge_each(lambda p, lg: self._judge(index, p, lg), items, concurrency=1)
 

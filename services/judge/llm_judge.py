@@ -165,6 +165,7 @@ class OpenAIJudge:
 
     @property
     def name(self) -> str:
+        """The experiment's judge id (``experiment.judge.judge_id``)."""
         return self.spec.judge_id
 
     def messages(
@@ -183,9 +184,12 @@ class OpenAIJudge:
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
     def judge(self, prompt: Prompt, logits: Mapping[str, TopKLogits]) -> dict[str, Verdict]:
+        """Verdicts for one prompt from one chat call, few-shot from the current examples."""
         return self._judge(self.examples.examples(), prompt, logits)
 
     def judge_many(self, items: Sequence[JudgeItem]) -> list[Outcome[dict[str, Verdict]]]:
+        """Verdicts for several prompts, ``spec.concurrency`` calls at a time, all few-shot from one
+        read of the examples."""
         pool = self.examples.examples()
         return judge_each(
             lambda p, lg: self._judge(pool, p, lg), items, concurrency=self.spec.concurrency

@@ -29,6 +29,8 @@ class _Server(BaseApplication):  # type: ignore[misc]
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Serve the review UI with gunicorn in this process (one worker, ``--threads`` threads, the app
+    preloaded); host and port default to the settings."""
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="python -m services.review_ui", description=__doc__)
     parser.add_argument("--host", default=settings.ui_host)

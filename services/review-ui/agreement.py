@@ -55,6 +55,9 @@ def cohen_kappa(matrix: Sequence[Sequence[int]]) -> float | None:
 
 @dataclass(frozen=True)
 class Disagreement:
+    """A token the judge and the current human label disagree on, with the judge's reason and who
+    labeled it when."""
+
     pid: str
     variant: str
     token_id: int
@@ -68,6 +71,9 @@ class Disagreement:
 
 @dataclass
 class AgreementReport:
+    """Judge-vs-human agreement: the confusion matrix over ``labels`` (rows: judge, columns: human),
+    Cohen's kappa (None when undefined) and the disagreements."""
+
     labels: Sequence[Label]
     matrix: list[list[int]]
     kappa: float | None

@@ -22,6 +22,7 @@ calibration = Blueprint("calibration", __name__)
 
 @bp.route("/agreement")
 def index() -> Any:
+    """``GET /agreement``: the agreement page of the experiment's judge with the human labels."""
     c = ctx()
     report = agreement_report(c.store, c.exp, c.fingerprint, c.judge_id, c.experiment.variant_names)
     return render_template(

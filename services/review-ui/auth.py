@@ -53,6 +53,8 @@ def _session_user(name: str, token: str) -> Reviewer | None:
 
 
 def wants_json() -> bool:
+    """Whether the request is an API call (``/api/...`` or a JSON body), answered with JSON instead
+    of a redirect."""
     return request.path.startswith("/api/") or request.is_json
 
 
@@ -110,6 +112,8 @@ def login_limits(c: ReviewContext) -> LoginLimits:
 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
+    """``GET/POST /login``: the login form; a POST checks the password under per-user and
+    per-address rate limits (429 while blocked, 401 when wrong) and opens a session."""
     if request.method == "POST":
         c = ctx()
         name = request.form.get("username", "")

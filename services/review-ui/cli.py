@@ -8,6 +8,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    """Add the ``emc users`` command group (``add``, ``list``, ``remove``) to the app."""
     users = typer.Typer(help="Reviewer accounts of the review UI.", no_args_is_help=True)
     app.add_typer(users, name="users")
 

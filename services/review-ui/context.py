@@ -20,6 +20,9 @@ EXTENSION = "emc_review"
 
 @dataclass
 class ReviewContext:
+    """What every view needs, one per app: settings, store, review queue, experiment and
+    fingerprint, task sender, and the app's small caches."""
+
     settings: Settings
     store: ObjectStore
     queue: ReviewQueue
@@ -45,10 +48,12 @@ class ReviewContext:
 
     @property
     def exp(self) -> str:
+        """The experiment's name, as store keys and the review queue use it."""
         return self.experiment.name
 
     @property
     def judge_id(self) -> str:
+        """The id of the experiment's judge, whose verdicts the UI shows."""
         return self.experiment.judge.judge_id
 
 

@@ -74,6 +74,7 @@ def page_data(view: PromptView, claim: Claim | None = None) -> dict[str, Any]:
 
 @bp.route("/p/<pid>")
 def page(pid: str) -> Any:
+    """``GET /p/<pid>``: the labeling page of one prompt."""
     view = _view(pid)
     claim = take_claim(ctx(), pid, g.user.name)
     user, assistant = turns(view.prompt.text)
@@ -92,6 +93,8 @@ def page(pid: str) -> Any:
 
 @bp.route("/api/p/<pid>")
 def api_prompt(pid: str) -> Any:
+    """``GET /api/p/<pid>``: the page's data as JSON, with the prompt text, status and label
+    history."""
     view = _view(pid)
     data = page_data(view)
     data["text"] = view.prompt.text

@@ -51,6 +51,7 @@ def queue_snapshot(c: ReviewContext, limit: int = QUEUE_PAGE, viewer: str = "") 
 
 @bp.route("/")
 def index() -> Any:
+    """``GET /``: the review queue page (it polls :func:`api_queue`)."""
     c = ctx()
     return render_template(
         "queue.html",
@@ -62,6 +63,7 @@ def index() -> Any:
 
 @bp.route("/api/queue")
 def api_queue() -> Any:
+    """``GET /api/queue?limit=N``: the queue snapshot as JSON (``limit`` clamped to 1-1000)."""
     limit = request.args.get("limit", default=QUEUE_PAGE, type=int)
     return jsonify(queue_snapshot(ctx(), max(1, min(limit or QUEUE_PAGE, 1000)), g.user.name))
 

@@ -74,6 +74,7 @@ class TokenRow:
     new: bool  # not among the reference variant's top-k
 
     def to_json(self) -> dict[str, Any]:
+        """The row as the page's script reads it (``i`` is the row index)."""
         return {
             "i": self.index,
             "variant": self.variant,
@@ -91,6 +92,9 @@ class TokenRow:
 
 @dataclass
 class VariantView:
+    """One variant of the prompt page: its top-k logits, the judge's verdict, the feature ranking
+    and whether a graph exists (each absent until computed), and its token rows."""
+
     name: str
     reference: bool
     logits: TopKLogits | None
@@ -118,26 +122,34 @@ class PromptView:
 
     @property
     def current(self) -> HumanLabel | None:
+        """The prompt's current human label (the newest of its history), or None; None too
+        while this reviewer must review blind."""
         return self.history[-1][1] if self.history and not self.blind else None
 
     @property
     def current_key(self) -> str | None:
+        """Store key of the current human label, or None (also when blind)."""
         return self.history[-1][0] if self.history and not self.blind else None
 
     @property
     def logits(self) -> dict[str, TopKLogits]:
+        """Top-k logits by variant, for the variants that have them."""
         return {v.name: v.logits for v in self.variants if v.logits is not None}
 
     @property
     def variant_names(self) -> list[str]:
+        """The variants in page order."""
         return [v.name for v in self.variants]
 
     @property
     def rows(self) -> list[TokenRow]:
+        """Every token row of every variant, in page order."""
         return [r for v in self.variants for r in v.rows]
 
 
 def check_pid(pid: str) -> str:
+    """``pid`` if it is a prompt id (12 lowercase hex characters); raises
+    :class:`~common.store.NotFound` otherwise."""
     if not PID_RE.match(pid):
         raise NotFound(f"{pid!r} is not a prompt id (12 hex characters)")
     return pid
@@ -301,6 +313,9 @@ class ClaimedElsewhere(InvalidLabel):
 
 @dataclass
 class SaveResult:
+    """What :func:`save_label` did: the label's key, whether it was a duplicate submit, the next
+    prompt to review, whose newer label it overwrote, and what could not be updated."""
+
     key: str
     duplicate: bool
     next_pid: str | None

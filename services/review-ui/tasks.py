@@ -20,7 +20,9 @@ RANK_PROMPT = T.ANALYSIS_RANK
 class TaskSender(Protocol):
     """What the UI needs of a Celery app."""
 
-    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any: ...
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Enqueue task ``name`` with its arguments (as ``Celery.send_task``)."""
+        ...
 
 
 class TaskError(RuntimeError):
@@ -48,6 +50,8 @@ class LazyCelery:
         return self._app
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Send through the project's Celery app, built on first use; raises :class:`TaskError` if
+        it cannot be imported."""
         return self._resolve().send_task(name, args=args, kwargs=kwargs, **options)
 
 

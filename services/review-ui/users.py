@@ -43,10 +43,14 @@ class Reviewer(Record):
 
 
 def user_key(name: str) -> str:
+    """Store key of a reviewer account: ``users/<name>.json``; raises :class:`UserError` for an
+    invalid name."""
     return f"{USERS_PREFIX}{check_name(name)}.json"
 
 
 def check_name(name: str) -> str:
+    """``name`` if it is a valid user name (1-32 lowercase letters, digits, ``.``, ``_``, ``-``);
+    raises :class:`UserError` otherwise."""
     if not NAME_RE.match(name):
         raise UserError(
             f"invalid user name {name!r}: use 1-32 lowercase letters, digits, '.', '_' or '-', "
@@ -56,6 +60,8 @@ def check_name(name: str) -> str:
 
 
 def check_password(password: str) -> str:
+    """``password`` if it has at least ``MIN_PASSWORD`` (8) characters; raises :class:`UserError`
+    otherwise."""
     if len(password) < MIN_PASSWORD:
         raise UserError(f"password too short: use at least {MIN_PASSWORD} characters")
     return password
@@ -97,6 +103,7 @@ def authenticate(store: ObjectStore, name: str, password: str) -> Reviewer | Non
 
 
 def list_users(store: ObjectStore) -> list[Reviewer]:
+    """Every reviewer account in the store."""
     return [
         store.get_record(k, Reviewer)
         for k in store.list_keys(USERS_PREFIX)
