@@ -55,6 +55,7 @@ class Claim:
     expires: float
 
     def held_by(self, reviewer: str) -> bool:
+        """Whether ``reviewer`` holds this claim."""
         return self.reviewer == reviewer
 
 
@@ -73,6 +74,7 @@ class Claims:
         self._release = client.register_script(_RELEASE)
 
     def key(self, pid: str) -> str:
+        """The Redis key of a prompt's claim (``emc:{exp}:claim:{pid}``)."""
         return f"emc:{self.exp}:claim:{pid}"
 
     def _claim(self, pid: str, value: Any, ttl_ms: int | None) -> Claim:

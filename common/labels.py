@@ -92,6 +92,7 @@ class Consensus:
 
     @property
     def reviewers(self) -> list[str]:
+        """Who reviewed the prompt, oldest review first."""
         return [lab.reviewer for _, lab in self.reviews]
 
     @property

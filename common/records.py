@@ -160,6 +160,7 @@ class HumanLabel(Record):
 
     @property
     def adjudicated(self) -> bool:
+        """Whether this label is an adjudicator's decision."""
         return self.role == "adjudication"
 
     def label_of(self, variant: str, token_id: int) -> Label | None:

@@ -12,11 +12,14 @@ from common.commands import EXPERIMENT_OPTION, fail
 
 
 class Format(StrEnum):
+    """Export formats of ``emc labels export``."""
+
     jsonl = "jsonl"
     csv = "csv"
 
 
 def register(app: typer.Typer) -> None:
+    """Add the ``emc labels`` commands to ``app``."""
     labels = typer.Typer(help="Human labels of the review UI.", no_args_is_help=True)
     app.add_typer(labels, name="labels")
 

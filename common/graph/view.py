@@ -72,6 +72,8 @@ class NodeValue(BaseModel):
 
 
 class ViewNode(BaseModel):
+    """One drawn node: where it sits in the grid and its value per variant."""
+
     model_config = ConfigDict(extra="forbid")
     id: str
     kind: ViewKind
@@ -94,12 +96,16 @@ class ViewNode(BaseModel):
 
 
 class EdgeValue(BaseModel):
+    """An edge's weight in one variant and the part of the score it carries."""
+
     model_config = ConfigDict(extra="forbid")
     weight: float
     carried: float
 
 
 class ViewEdge(BaseModel):
+    """One drawn edge, its value per variant and its difference to the reference."""
+
     model_config = ConfigDict(extra="forbid")
     source: str
     target: str
@@ -108,6 +114,8 @@ class ViewEdge(BaseModel):
 
 
 class VariantSummary(BaseModel):
+    """What one variant's graph explains and how much of it is drawn."""
+
     model_config = ConfigDict(extra="forbid")
     total: float = Field(description="sum of the root nodes' scores: the whole linearised score")
     features: int = Field(description="feature and adapter nodes in the stored graph")

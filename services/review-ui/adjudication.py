@@ -29,10 +29,12 @@ class Dispute:
 
     @property
     def bad_differs(self) -> bool:
+        """Whether the two reviewers disagree on calling the prompt bad."""
         return self.a[1].bad_prompt != self.b[1].bad_prompt
 
     @property
     def labeled_at(self) -> datetime:
+        """When the later of the two reviews was saved."""
         return max(self.a[1].created_at, self.b[1].created_at)
 
 
@@ -62,9 +64,11 @@ class AdjudicationRow:
 
     @property
     def disputed(self) -> bool:
+        """Whether the two reviewers labeled this token differently."""
         return self.a != self.b
 
     def to_json(self) -> dict[str, Any]:
+        """The row as the adjudication page's script reads it."""
         return {
             "i": self.row.index,
             "variant": self.row.variant,

@@ -32,6 +32,7 @@ bp = Blueprint("adjudication", __name__)
 
 @bp.route("/adjudicate")
 def index() -> Any:
+    """``GET /adjudicate``: every disputed prompt, oldest dispute first."""
     found = sorted(disputes(ctx().store, ctx().exp), key=lambda d: d.labeled_at)
     return render_template("adjudicate_list.html", disputes=found)
 
@@ -45,6 +46,7 @@ def _next_url(after: str) -> str:
 
 @bp.route("/adjudicate/<pid>")
 def page(pid: str) -> Any:
+    """``GET /adjudicate/<pid>``: both reviews side by side; 404 if the prompt is not disputed."""
     c = ctx()
     try:
         view = load_prompt_view(c, pid)

@@ -241,6 +241,8 @@ def reviewer_stats(histories: Iterable[Sequence[tuple[str, HumanLabel]]]) -> lis
 
 @dataclass
 class TeamReport:
+    """Human-vs-human agreement: kappa per reviewer pair, per-reviewer stats, prompts per state."""
+
     pairs: list[PairAgreement]
     reviewers: list[ReviewerStats]
     states: dict[str, int]  # consensus state -> prompts

@@ -41,6 +41,7 @@ def _calibration() -> Any:
 
 @calibration.route("/calibration", endpoint="index")
 def calibration_page() -> Any:
+    """``GET /calibration``: where judge and humans disagree, by token, and the kappa trend."""
     c = ctx()
     report = _calibration()
     return render_template(

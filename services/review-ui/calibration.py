@@ -29,6 +29,7 @@ class TokenGroup:
 
     @property
     def rate(self) -> float:
+        """Share of this token's judge/human pairs that disagree."""
         return self.n_disagree / self.n_pairs if self.n_pairs else 0.0
 
 
@@ -54,6 +55,8 @@ class TrendPoint:
 
 @dataclass
 class CalibrationReport:
+    """The calibration page: token groups, prompts by disagreeing mass, the trend."""
+
     groups: list[TokenGroup]
     prompts: list[PromptDisagreement]
     trend: list[TrendPoint]

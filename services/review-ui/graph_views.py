@@ -106,6 +106,7 @@ def graph_variants(c: ReviewContext, pid: str) -> list[str]:
 
 @bp.route("/p/<pid>/analysis")
 def analysis(pid: str) -> Any:
+    """``GET /p/<pid>/analysis``: a prompt's rankings, shares and links to its graphs."""
     _checked(pid)
     c = ctx()
     view = load_prompt_view(c, pid)
