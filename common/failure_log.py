@@ -65,7 +65,7 @@ class FailureLog:
         members = [_text(m) for m in self.redis.zrevrange(self.order_key, 0, limit - 1)]
         if not members:
             return []
-        raw: list[Any] = self.redis.hmget(self.record_key, members)  # type: ignore[assignment]
+        raw: list[Any] = self.redis.hmget(self.record_key, members)
         out = []
         for member, value in zip(members, raw, strict=True):
             if value is None:  # removed between the two calls

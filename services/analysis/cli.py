@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from common.diff import PromptDiff, prompt_diff
 from common.records import ScoreShares, feature_cell, node_label
-from services.analysis.diff import PromptDiff, prompt_diff
 
 
 def shares_table(shares: ScoreShares, title: str) -> Table:
@@ -119,8 +119,14 @@ def register(app: typer.Typer) -> None:
             help="directory for JSON, PNG and summary.md (default: <home>/reports/<exp>/<fp>)",
         ),
         top: int = typer.Option(20, "--top", help="features in the tables and bar charts"),
+        full: bool = typer.Option(
+            False, "--full", help="rebuild from every prompt (default: fold in only new ones)"
+        ),
     ) -> None:
-        """Rank every graphed prompt, aggregate the divergent ones, write plots and a summary."""
+        """Rank every graphed prompt, aggregate the divergent ones, write plots and a summary.
+
+        Incremental: the running aggregates are stored with the report, and a re-run folds in
+        only prompts that are new since (all of them when a folded prompt changed)."""
         from rich.console import Console
 
         from common.context import get_context
@@ -137,8 +143,11 @@ def register(app: typer.Typer) -> None:
                 fingerprint=ctx.fingerprint,
                 top_n=top,
                 progress=lambda msg: status.update(msg),
+                full=full,
             )
         ix = data.index
+        how = "added to the stored aggregates" if data.incremental else "aggregated afresh"
+        console.print(f"{len(data.folded)} prompt(s) {how}")
         nothing = sum(i.kind == "nothing_to_explain" for i in ix.issues)
         console.print(
             f"{ix.n_prompts_with_graphs} prompts with graphs, "
@@ -155,4 +164,6 @@ def register(app: typer.Typer) -> None:
                 f"{node_label(f.layer, f.feature)} {f.mean_score:+.3f}" for f in agg.features[:5]
             )
             console.print(f"{v}: top features {head or '(none)'}")
+            if agg.shares is not None and agg.shares.shares.flag:
+                console.print(f"[yellow]{v}: {agg.shares.shares.flag}[/]")
         console.print(f"wrote {len(ix.files)} files to {out_dir} (and the store)")
