@@ -27,7 +27,7 @@ MAX_SAMPLES = 8
 
 def _view(pid: str) -> PromptView:
     try:
-        return load_prompt_view(ctx(), pid)
+        return load_prompt_view(ctx(), pid, rankings=False)
     except NotFound:
         abort(404, description=f"no prompt {pid} in experiment {ctx().exp}")
 

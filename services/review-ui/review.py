@@ -144,8 +144,11 @@ def load_prompt(c: ReviewContext, pid: str) -> Prompt:
     return prompt
 
 
-def load_prompt_view(c: ReviewContext, pid: str) -> PromptView:
-    """Load a prompt with its logits, verdicts, labels and analysis; raises NotFound."""
+def load_prompt_view(c: ReviewContext, pid: str, *, rankings: bool = True) -> PromptView:
+    """Load a prompt with its logits, verdicts, labels and analysis; raises NotFound.
+
+    ``rankings=False`` leaves the feature rankings out (``features`` is None): the prompt
+    page never shows them, and at thousands of features they cost more than the rest."""
     prompt = load_prompt(c, pid)
     store, exp, fp = c.store, c.exp, c.fingerprint
     history = label_history(store, exp, pid)
@@ -158,7 +161,11 @@ def load_prompt_view(c: ReviewContext, pid: str) -> PromptView:
                 reference=name == c.experiment.reference,
                 logits=_maybe(store, K.logits(exp, pid, fp, name), TopKLogits),
                 verdict=_maybe(store, K.verdicts(exp, pid, fp, c.judge_id, name), Verdict),
-                features=_maybe(store, K.features(exp, pid, fp, name), FeatureRanking),
+                features=(
+                    _maybe(store, K.features(exp, pid, fp, name), FeatureRanking)
+                    if rankings
+                    else None
+                ),
                 has_graph=store.exists(K.graph_manifest(exp, pid, fp, name)),
             )
         )
