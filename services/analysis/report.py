@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,8 @@ class ReportData:
     folded: list[str] = field(default_factory=list)
     #: whether this run started from the stored state of an earlier run
     incremental: bool = False
+    #: seconds per phase: digests (every prompt), fold (new prompts), write (files, plots)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 #: version of :class:`ReportState`'s layout; a state of another version is rebuilt
@@ -240,6 +243,7 @@ def build_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     ref = exp.reference
     others = [v for v in exp.variant_names if v != ref]
+    t0 = time.perf_counter()
     graphed = graphed_prompts(store, exp.name, fp)
     pids = sorted(graphed)
     digests = {}
@@ -251,6 +255,7 @@ def build_report(
     usable = state is not None and all(digests.get(p) == d for p, d in state.digests.items())
     run = _Running.load(state) if state is not None and usable else _Running.empty(others)
     new = [p for p in pids if p not in run.digests]
+    t1 = time.perf_counter()
     for i, pid in enumerate(new):
         if progress:
             progress(f"ranking {i + 1}/{len(new)} {pid}")
@@ -258,6 +263,7 @@ def build_report(
         run.digests[pid] = digests[pid]
     if new or not usable:
         store.put_json(K.report_state(exp.name, fp), run.dump(exp, fp))
+    t2 = time.perf_counter()
     data = ReportData(
         index=ReportIndex(
             experiment=exp.name,
@@ -273,6 +279,7 @@ def build_report(
         incremental=usable,
     )
     _write_files(data, run, store, exp, fp, out_dir, top_n)
+    data.seconds = {"digests": t1 - t0, "fold": t2 - t1, "write": time.perf_counter() - t2}
     return data
 
 
