@@ -91,20 +91,33 @@ class Pruning:
 _PRUNE_ROWS = 2048
 
 
+#: values summed per block while looking for the pruning threshold
+_PRUNE_BLOCK = 1 << 14
+
+
 def prune(scores: torch.Tensor, keep: float) -> Pruning:
     """Keep the largest scores until ``keep`` of their total mass is covered (every score
-    equal to the smallest one kept is kept too; zeros never are)."""
+    equal to the smallest one kept is kept too; zeros never are).
+
+    The positive scores are sorted ascending (numpy sorts many times faster than torch, and
+    float32 scores are half the bytes); the dropped tail, at most ``1 - keep`` of the mass,
+    is found from block sums, so no running sum of every value is written."""
     flat = scores.detach().cpu().flatten().numpy()
-    # only positive scores can be kept, and numpy sorts values many times faster than torch
-    # (float32 scores: half the bytes to sort; the mass is summed in float64)
-    values = np.sort(flat[flat > 0])[::-1]
-    if values.size == 0:
+    ordered = np.sort(flat[flat > 0])
+    n = ordered.size
+    if n == 0:
         return Pruning(torch.zeros_like(scores, dtype=torch.bool), 1.0)
-    cum = np.cumsum(values, dtype=np.float64)
-    n_keep = min(int(np.searchsorted(cum, keep * cum[-1])) + 1, values.size)
-    threshold = values[n_keep - 1]
-    n_kept = int(np.searchsorted(-values, -threshold, side="right"))  # ties included
-    return Pruning(scores >= float(threshold), float(cum[n_kept - 1] / cum[-1]))
+    total = float(ordered.sum(dtype=np.float64))
+    limit = total - keep * total  # the most mass the smallest dropped values may carry
+    blocks = np.cumsum(np.add.reduceat(ordered, np.arange(0, n, _PRUNE_BLOCK), dtype=np.float64))
+    j = int(np.searchsorted(blocks, limit, side="right"))  # whole blocks that fit
+    base = float(blocks[j - 1]) if j > 0 else 0.0
+    partial = base + np.cumsum(ordered[j * _PRUNE_BLOCK : (j + 1) * _PRUNE_BLOCK], dtype=np.float64)
+    dropped = min(j * _PRUNE_BLOCK + int(np.searchsorted(partial, limit, side="right")), n - 1)
+    threshold = ordered[dropped]
+    first = int(np.searchsorted(ordered, threshold, side="left"))  # ties are kept too
+    kept = float(ordered[first:].sum(dtype=np.float64))
+    return Pruning(scores >= float(threshold), kept / total)
 
 
 # ------------------------------------------------------------------------ encode / decode
