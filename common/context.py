@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import redis
     from celery import Celery
 
+    from common.failure_log import FailureLog
     from common.review_queue import ReviewQueue
 
 
@@ -66,6 +67,13 @@ class Context:
         from common.review_queue import ReviewQueue
 
         return ReviewQueue(self.redis, self.exp.name)
+
+    @cached_property
+    def failures(self) -> FailureLog:
+        """The recent failures of this experiment and fingerprint (``emc status``)."""
+        from common.failure_log import FailureLog
+
+        return FailureLog(self.redis, self.exp.name, self.fingerprint)
 
     def check_task(self, exp_name: str) -> None:
         """Refuse a task meant for another experiment than the one this process runs."""

@@ -20,10 +20,21 @@ from common.store import keys as K
 def derive_state(ctx: Context, pid: str, *, ignore_failures: bool = False) -> PromptState:
     """Where a prompt stands, from its artifacts in the store alone (``ignore_failures``:
     where it would stand without its failure records, e.g. when it is retried)."""
+    present = set(ctx.store.list_keys(K.run_dir(ctx.exp.name, pid, ctx.fingerprint) + "/"))
+    return _state(ctx, pid, present, ignore_failures=ignore_failures)
+
+
+def _failure_keys(ctx: Context, pid: str, present: Iterable[str]) -> list[str]:
+    head = K.run_dir(ctx.exp.name, pid, ctx.fingerprint) + "/failures/"
+    return sorted(k for k in present if k.startswith(head))
+
+
+def _state(
+    ctx: Context, pid: str, present: set[str], *, ignore_failures: bool = False
+) -> PromptState:
+    """:func:`derive_state` from the keys ``present`` under the prompt's run directory."""
     exp, fp = ctx.exp, ctx.fingerprint
-    run = K.run_dir(exp.name, pid, fp)
-    present = set(ctx.store.list_keys(run + "/"))
-    failures = sorted(k for k in present if k.startswith(run + "/failures/"))
+    failures = _failure_keys(ctx, pid, present)
     if failures and not ignore_failures:
         return PromptState(Status.failed, reason=_failure_reason(ctx, failures[-1]))
     has_logits = all(K.logits(exp.name, pid, fp, v) in present for v in exp.variant_names)
@@ -88,31 +99,45 @@ def prompt_ids(ctx: Context) -> Iterator[str]:
 
 
 def reindex(ctx: Context, progress: Callable[[Iterable[str]], Iterable[str]] | None = None) -> int:
-    """Rebuild the review queue and status index in Redis from the object store."""
+    """Rebuild the review queue, the status index and the recent-failures log in Redis from
+    the object store (one listing of each prompt's run directory)."""
     pids: Iterable[str] = list(prompt_ids(ctx))
     if progress is not None:
         pids = progress(pids)
-    return rebuild(ctx.queue, ((pid, derive_state(ctx, pid)) for pid in pids))
+    failures: list[tuple[Failure, str]] = []
+
+    def states() -> Iterator[tuple[str, PromptState]]:
+        for pid in pids:
+            present = set(ctx.store.list_keys(K.run_dir(ctx.exp.name, pid, ctx.fingerprint) + "/"))
+            failures.extend(_read_failures(ctx, pid, _failure_keys(ctx, pid, present)))
+            yield pid, _state(ctx, pid, present)
+
+    n = rebuild(ctx.queue, states())
+    ctx.failures.replace_all(failures)
+    return n
 
 
 def recent_failures(ctx: Context, limit: int = 10) -> list[Failure]:
-    """The latest failure records of this experiment's current fingerprint."""
-    out = []
-    for pid in prompt_ids(ctx):
-        out += failures_of(ctx, pid)
-    out.sort(key=lambda f: f.created_at, reverse=True)
-    return out[:limit]
+    """The latest failure records of this experiment's current fingerprint, from the
+    recent-failures log in Redis (:mod:`common.failure_log`; no store listing)."""
+    return ctx.failures.recent(limit)
 
 
 def failures_of(ctx: Context, pid: str) -> list[Failure]:
     """The failure records of a prompt under the current fingerprint (an unreadable one is
     shown as a failure of its own)."""
-    out = []
     prefix = K.run_dir(ctx.exp.name, pid, ctx.fingerprint) + "/failures/"
-    for key in ctx.store.list_keys(prefix):
+    return [f for f, _ in _read_failures(ctx, pid, ctx.store.list_keys(prefix))]
+
+
+def _read_failures(ctx: Context, pid: str, keys: Iterable[str]) -> list[tuple[Failure, str]]:
+    """``(record, step of its key)`` of each failure key (unreadable: a failure of its own)."""
+    out = []
+    for key in keys:
+        step = key.rsplit("/", 1)[-1].removesuffix(".json")
         try:
-            out.append(ctx.store.get_record(key, Failure))
+            out.append((ctx.store.get_record(key, Failure), step))
         except StoreError as e:
-            step = key.rsplit("/", 1)[-1].removesuffix(".json")
-            out.append(Failure(prompt_id=pid, step=step, reason=f"failure record unreadable: {e}"))
+            reason = f"failure record unreadable: {e}"
+            out.append((Failure(prompt_id=pid, step=step, reason=reason), step))
     return out

@@ -99,6 +99,7 @@ def record_failure(
     )
     ctx.store.put_json(K.failure(ctx.exp.name, pid, ctx.fingerprint, step), record)
     ctx.queue.set_status(pid, Status.failed, reason=f"{step}: {failure.reason}")
+    ctx.failures.add(record, step)
     log.warning("prompt %s failed %s: %s", pid, step, failure.reason)
 
 
@@ -108,8 +109,14 @@ def clear_failure(ctx: Context, pid: str, step_name: str) -> bool:
     key = K.failure(ctx.exp.name, pid, ctx.fingerprint, step_name)
     if not ctx.store.exists(key):
         return False
-    ctx.store.delete(key)
+    drop_failure(ctx, pid, step_name)
     return True
+
+
+def drop_failure(ctx: Context, pid: str, step_name: str) -> None:
+    """Delete a step's failure record from the store and from the recent-failures log."""
+    ctx.store.delete(K.failure(ctx.exp.name, pid, ctx.fingerprint, step_name))
+    ctx.failures.remove(pid, step_name)
 
 
 def send_all(ctx: Context, nexts: Iterable[Next]) -> None:

@@ -20,7 +20,7 @@ from common import tasknames as T
 from common.context import Context
 from common.graph.artifact import delete_graph, graph_problem
 from common.index import UNUSABLE, derive_state, failures_of, prompt_ids
-from common.pipeline import FINAL, Next, send_all
+from common.pipeline import FINAL, Next, drop_failure, send_all
 from common.records import FeatureRanking, FunnelDecision, Prompt, TopKLogits
 from common.store import NotFound, StoreError
 from common.store import keys as K
@@ -248,4 +248,4 @@ def _drop_obsolete_failures(ctx: Context, pid: str, sent: list[Next]) -> None:
         step = key.rsplit("/", 1)[-1].removesuffix(".json")
         order = STEP_ORDER.get(step_family(step))
         if order is None or order < first:
-            ctx.store.delete(key)
+            drop_failure(ctx, pid, step)

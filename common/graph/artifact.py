@@ -18,11 +18,14 @@ from safetensors.torch import load as st_load
 
 from common.errors import AnalysisError, PromptFailure
 from common.experiment import Experiment
+from common.graph import influence as _influence_mod
 from common.graph.influence import (
     LogitInfluence,
     layer_order,
     logit_influence,
     normalized_feature_rows,
+    scaled_rows_product,
+    solve_rows,
     solve_total,
 )
 from common.graph.model import AttributionGraph
@@ -65,11 +68,15 @@ def _influence(graph: AttributionGraph) -> LogitInfluence:
         ) from e
 
 
-def edge_scores(influence: LogitInfluence) -> torch.Tensor:
-    """``[F, S]``: how much influence on any logit each edge into a feature carries,
+def edge_scores(influence: LogitInfluence, graph: AttributionGraph) -> torch.Tensor:
+    """``[F, S]`` float32: how much influence on any logit each edge into a feature carries,
     ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (``influence`` from :func:`_influence`)."""
-    f = influence.normalized.shape[0]
-    return influence.normalized.abs().mul_(influence.total[:, :f].abs().sum(dim=0)[:, None])
+    f = graph.n_features
+    act = graph.activations.to(torch.float64).abs()
+    weight = influence.total[:, :f].abs().sum(dim=0)
+    per_row = torch.where(act > 0, weight / torch.where(act > 0, act, 1.0), 0.0)
+    rows = graph.adjacency[:f, : graph.token_slice.stop]
+    return rows.abs().mul_(per_row.to(torch.float32)[:, None])
 
 
 @dataclass(frozen=True)
@@ -80,19 +87,37 @@ class Pruning:
     kept_mass: float
 
 
+#: rows of feature edges handled at a time when the kept ones are gathered
+_PRUNE_ROWS = 2048
+
+
+#: values summed per block while looking for the pruning threshold
+_PRUNE_BLOCK = 1 << 14
+
+
 def prune(scores: torch.Tensor, keep: float) -> Pruning:
     """Keep the largest scores until ``keep`` of their total mass is covered (every score
-    equal to the smallest one kept is kept too; zeros never are)."""
+    equal to the smallest one kept is kept too; zeros never are).
+
+    The positive scores are sorted ascending (numpy sorts many times faster than torch, and
+    float32 scores are half the bytes); the dropped tail, at most ``1 - keep`` of the mass,
+    is found from block sums, so no running sum of every value is written."""
     flat = scores.detach().cpu().flatten().numpy()
-    # only positive scores can be kept, and numpy sorts values many times faster than torch
-    values = np.sort(flat[flat > 0])[::-1]
-    if values.size == 0:
+    ordered = np.sort(flat[flat > 0])
+    n = ordered.size
+    if n == 0:
         return Pruning(torch.zeros_like(scores, dtype=torch.bool), 1.0)
-    cum = np.cumsum(values)
-    n_keep = min(int(np.searchsorted(cum, keep * cum[-1])) + 1, values.size)
-    threshold = values[n_keep - 1]
-    n_kept = int(np.searchsorted(-values, -threshold, side="right"))  # ties included
-    return Pruning(scores >= float(threshold), float(cum[n_kept - 1] / cum[-1]))
+    total = float(ordered.sum(dtype=np.float64))
+    limit = total - keep * total  # the most mass the smallest dropped values may carry
+    blocks = np.cumsum(np.add.reduceat(ordered, np.arange(0, n, _PRUNE_BLOCK), dtype=np.float64))
+    j = int(np.searchsorted(blocks, limit, side="right"))  # whole blocks that fit
+    base = float(blocks[j - 1]) if j > 0 else 0.0
+    partial = base + np.cumsum(ordered[j * _PRUNE_BLOCK : (j + 1) * _PRUNE_BLOCK], dtype=np.float64)
+    dropped = min(j * _PRUNE_BLOCK + int(np.searchsorted(partial, limit, side="right")), n - 1)
+    threshold = ordered[dropped]
+    first = int(np.searchsorted(ordered, threshold, side="left"))  # ties are kept too
+    kept = float(ordered[first:].sum(dtype=np.float64))
+    return Pruning(scores >= float(threshold), kept / total)
 
 
 # ------------------------------------------------------------------------ encode / decode
@@ -129,6 +154,38 @@ def _assemble(
     return AttributionGraph(manifest=manifest, adjacency=adjacency, **graph_parts)
 
 
+def _kept_rows(
+    a: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept edges of feature rows ``a`` ``[F, S]`` as CSR (indptr int32, column indices,
+    float16 values relative to each row's largest kept magnitude, and that per-row scale),
+    built a block of rows at a time (no int64 index pair per edge of the whole graph)."""
+    f = a.shape[0]
+    counts, cols, rel = [], [], []
+    scale = torch.zeros(f, dtype=torch.float32)
+    for r0 in range(0, f, _PRUNE_ROWS):
+        r1 = min(r0 + _PRUNE_ROWS, f)
+        rr, cc = mask[r0:r1].nonzero(as_tuple=True)
+        vals = a[r0:r1][rr, cc].to(torch.float32)
+        sc = torch.zeros(r1 - r0, dtype=torch.float32)
+        if vals.numel():
+            sc.scatter_reduce_(0, rr, vals.abs(), reduce="amax", include_self=True)
+        scale[r0:r1] = sc
+        rel.append((vals / sc[rr].clamp_min(torch.finfo(torch.float32).tiny)).to(torch.float16))
+        cols.append(cc.to(torch.int32))
+        counts.append(torch.bincount(rr, minlength=r1 - r0))
+    indptr = torch.zeros(f + 1, dtype=torch.int32)
+    if f:
+        indptr[1:] = torch.cumsum(torch.cat(counts), 0).to(torch.int32)
+    empty = torch.zeros(0)
+    return (
+        indptr,
+        torch.cat(cols) if cols else empty.to(torch.int32),
+        torch.cat(rel) if rel else empty.to(torch.float16),
+        scale,
+    )
+
+
 def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes, GraphManifest]:
     """safetensors bytes + the manifest that describes them (see module docstring)."""
     f = graph.n_features
@@ -136,34 +193,43 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
     a = graph.adjacency
     influence = _influence(graph)
     total = influence.total
-    scores = edge_scores(influence)
+    scores = edge_scores(influence, graph)
     pruning = prune(scores, keep)
-    rows, cols = pruning.mask.nonzero(as_tuple=True)
-    vals = a[:f, :s][rows, cols].to(torch.float32)
-    scale = torch.zeros(f, dtype=torch.float32)
-    if vals.numel():
-        scale.scatter_reduce_(0, rows, vals.abs(), reduce="amax", include_self=True)
-    rel = (vals / scale[rows].clamp_min(torch.finfo(torch.float32).tiny)).to(torch.float16)
-    indptr = torch.zeros(f + 1, dtype=torch.int32)
-    indptr[1:] = torch.cumsum(torch.bincount(rows, minlength=f), 0).to(torch.int32)
-    # normalized feature rows exactly as a reader will rebuild them from the stored CSR
+    del scores
+    indptr, cols, rel, scale = _kept_rows(a[:f, :s], pruning.mask)
+    n_kept_edges = int(cols.numel())
+    kept_mass = pruning.kept_mass
+    del pruning
+    # feature rows exactly as a reader will rebuild them from the stored CSR
     kept = _feature_rows(indptr, cols, rel, scale, (f, s))
-    n_kept = normalized_feature_rows(kept, graph.activations)
+    act = graph.activations.to(torch.float64)
+    inv_act = torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
     # Logit rows: direct edges + what the dropped (and rounded) feature edges carried, so
     # that total influence computed from the stored graph equals the full graph's.
-    logit_rows = (total - total[:, :f] @ n_kept).to(torch.float32)
+    logit_rows = (total - scaled_rows_product(total[:, :f], kept, inv_act, slice(0, s))).to(
+        torch.float32
+    )
     direct = a[graph.logit_slice, :s]
     # Verify by solving the stored graph's influence afresh (as the analysis will, from the
     # float16/float32 values written) instead of trusting the algebra.
-    check, _ = solve_total(
-        n_kept,
-        logit_rows.to(torch.float64),
-        triangular=influence.backward_edges == 0,
-        order=layer_order(graph),
-    )
+    order = layer_order(graph)
+    if influence.backward_edges == 0 and order is None:
+        check: torch.Tensor | None
+        check, residual = solve_rows(kept, graph.activations, logit_rows.to(torch.float64),
+                                     graph.features[:, 0])  # fmt: skip
+        if residual > _influence_mod.SOLVE_TOLERANCE:
+            check = None
+    else:
+        check, _ = solve_total(
+            normalized_feature_rows(kept, graph.activations),
+            logit_rows.to(torch.float64),
+            triangular=influence.backward_edges == 0,
+            order=order,
+        )
     if check is None:  # the solve is not trusted (as for the full graph): the analysis' series
         parts = {"features": graph.features, "activations": graph.activations}
         check = _influence(_assemble(graph.manifest, kept, logit_rows, parts)).total
+    del kept
     scale_t = float(total.abs().max()) or 1.0
     error = float((check - total).abs().max()) / scale_t
     if error > INFLUENCE_TOLERANCE:
@@ -187,10 +253,10 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
             "tensors": {name: list(t.shape) for name, t in tensors.items()},
             "limits": {
                 **graph.manifest.limits,
-                "edges_mass_kept": pruning.kept_mass,
+                "edges_mass_kept": kept_mass,
                 "edges_keep_target": keep,
                 "edges_feature_nonzero": int(torch.count_nonzero(a[:f, :s])),
-                "edges_feature_kept": int(rows.numel()),
+                "edges_feature_kept": n_kept_edges,
                 "logit_rows_shift": float((logit_rows - direct).abs().max())
                 / (float(direct.abs().max()) or 1.0),
                 "influence_error": error,

@@ -78,7 +78,6 @@ class LogitInfluence:
     residual: float  # max |G (I - N) - A_LF| / max |A_LF|
     hops: int  # longest path (in feature hops) that carries any weight; -1 if unknown
     backward_edges: int  # feature edges not from an earlier to a later layer (should be 0)
-    normalized: torch.Tensor  # [F, S] float64: N = diag(1/a) A_F,S, what each edge passes on
 
     @property
     def indirect(self) -> torch.Tensor:
@@ -179,20 +178,27 @@ def logit_influence(
     f = graph.n_features
     src = slice(0, graph.token_slice.stop)
     a = graph.adjacency
-    # only the feature and logit rows can be non-zero (check_graph): convert just those
-    n_fs = normalized_feature_rows(a[:f, src], graph.activations)
-    n_ff = n_fs[:, :f]
     a_ls = a[graph.logit_slice, src].to(torch.float64)
     a_lf = a_ls[:, :f]
     backward = _backward_edges(graph, a[:f, :f])
-
+    order = layer_order(graph)
+    if backward == 0 and order is None:
+        # circuit-tracer's layout: solved by layer blocks on the float32 rows, in place
+        total, residual = solve_rows(a[:f, src], graph.activations, a_ls, graph.features[:, 0])
+        if residual <= SOLVE_TOLERANCE:
+            active = (graph.activations != 0)[:, None]
+            hops = _depth((a[:f, :f] != 0) & active) if count_hops else -1
+            return LogitInfluence(total, a_ls, "solve", residual, hops, backward)
+    # only the feature and logit rows can be non-zero (check_graph): convert just those
+    n_fs = normalized_feature_rows(a[:f, src], graph.activations)
+    n_ff = n_fs[:, :f]
     method: Literal["solve", "series"] = "solve"
-    g, residual = _solve(n_ff, a_lf, triangular=backward == 0, order=layer_order(graph))
+    g, residual = _solve(n_ff, a_lf, triangular=backward == 0, order=order)
     if g is None:
         g, hops = _series(n_ff, a_lf, max_hops if max_hops is not None else f + 1, graph)
         method, residual = "series", _residual(g, n_ff, a_lf)
     else:
-        hops = _depth(n_ff) if count_hops else -1
+        hops = _depth(n_ff != 0) if count_hops else -1
     return LogitInfluence(
         total=a_ls + g @ n_fs,
         direct=a_ls,
@@ -200,8 +206,56 @@ def logit_influence(
         residual=residual,
         hops=hops,
         backward_edges=backward,
-        normalized=n_fs,
     )
+
+
+#: feature rows converted to float64 at a time (bounds the memory of the block solve)
+_CHUNK_ROWS = 1024
+
+
+def scaled_rows_product(
+    coef: torch.Tensor, rows: torch.Tensor, inv_act: torch.Tensor, cols: slice
+) -> torch.Tensor:
+    """``coef @ diag(inv_act) @ rows[:, cols]`` in float64, ``rows`` (float32) converted a
+    chunk of rows at a time: no float64 copy of the whole matrix."""
+    out = torch.zeros(coef.shape[0], cols.stop - (cols.start or 0), dtype=torch.float64)
+    for r0 in range(0, rows.shape[0], _CHUNK_ROWS):
+        r1 = min(r0 + _CHUNK_ROWS, rows.shape[0])
+        out.addmm_(coef[:, r0:r1] * inv_act[r0:r1], rows[r0:r1, cols].to(torch.float64))
+    return out
+
+
+def solve_rows(
+    feature_rows: torch.Tensor,
+    activations: torch.Tensor,
+    a_ls: torch.Tensor,
+    layers: torch.Tensor,
+) -> tuple[torch.Tensor, float]:
+    """``T = A_L,S + G N`` with ``G (I - N) = A_LF`` and ``N = diag(1/a) A_F,S``, for features
+    in layer order with edges only from earlier layers (``layers`` non-decreasing): back
+    substitution over layer blocks, ``G_m = A_m + G_{>m} N_{>m,m}``, reading the float32
+    ``feature_rows`` ``[F, S]`` block by block (float64 arithmetic; nothing of size F x S is
+    copied). Returns ``T`` and the relative residual ``max |G (I - N) - A_LF| / max |A_LF|``."""
+    f = feature_rows.shape[0]
+    act = activations.to(torch.float64)
+    inv_act = torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
+    a_lf = a_ls[:, :f]
+    g = a_lf.clone()
+    if f:
+        starts = torch.searchsorted(layers.contiguous(), torch.unique_consecutive(layers))
+        bounds = [*starts.tolist(), f]
+        for b0, b1 in reversed(list(itertools.pairwise(bounds))):
+            if b1 == f:
+                continue
+            block = feature_rows[b1:f, b0:b1].to(torch.float64, copy=True).mul_(inv_act[b1:f, None])
+            g[:, b0:b1].addmm_(g[:, b1:f], block)
+    total = a_ls + scaled_rows_product(g, feature_rows, inv_act, slice(0, a_ls.shape[1]))
+    # total[:, :F] = A_LF + G N_FF, so G (I - N) - A_LF = G - total[:, :F]
+    scale = float(a_lf.abs().max()) if a_lf.numel() else 0.0
+    err = float((g - total[:, :f]).abs().max()) if a_lf.numel() else 0.0
+    if not bool(torch.isfinite(total).all()):
+        return total, float("inf")
+    return total, err / scale if scale > 0 else err
 
 
 def normalized_feature_rows(feature_rows: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
@@ -305,10 +359,11 @@ def _series(
     )
 
 
-def _depth(n_ff: torch.Tensor) -> int:
-    """Longest chain of feature->feature edges (0 if none); -1 if there is a cycle."""
-    f = n_ff.shape[0]
-    reach = (n_ff != 0).to(torch.float32)
+def _depth(edges: torch.Tensor) -> int:
+    """Longest chain of feature->feature edges (``edges``: [F, F] bool, target x source;
+    0 if none); -1 if there is a cycle."""
+    f = edges.shape[0]
+    reach = edges.to(torch.float32)
     v = torch.ones(f, dtype=torch.float32)
     for hop in range(f + 1):
         v = ((reach @ v) != 0).to(torch.float32)  # v[t]: some path of hop+1 edges ends at t

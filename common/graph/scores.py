@@ -83,7 +83,7 @@ def direction_weights(
 def score_sources(graph: AttributionGraph, labels: Mapping[int, Label]) -> SourceScores:
     """Score every source node: first-order change of P_evil - P_safe (module docstring)."""
     w_evil, w_safe, evil_ids, safe_ids = direction_weights(graph, labels)
-    inf = logit_influence(graph)
+    inf = logit_influence(graph, count_hops=False)  # the longest path is not needed here
     evil = w_evil @ inf.total
     safe = w_safe @ inf.total
     return SourceScores(evil - safe, evil, safe, evil_ids, safe_ids, inf)

@@ -101,6 +101,12 @@ def report_aggregate(exp: str, fp: str, variant: str) -> str:
     return f"{reports(exp, fp)}/aggregate_{variant}.json"
 
 
+def report_state(exp: str, fp: str) -> str:
+    """The report's running aggregate state (what an incremental ``emc analyze report``
+    starts from: sums over the prompts it already folded in)."""
+    return f"{reports(exp, fp)}/state/aggregate_state.json"
+
+
 # -- the review UI's own state (not prompt-centric)
 
 

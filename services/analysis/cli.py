@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from common.diff import PromptDiff, prompt_diff
 from common.records import ScoreShares, feature_cell, node_label
-from services.analysis.diff import PromptDiff, prompt_diff
 
 
 def shares_table(shares: ScoreShares, title: str) -> Table:
@@ -112,6 +112,69 @@ def register(app: typer.Typer) -> None:
         if failed and not done:
             raise typer.Exit(1)
 
+    _register_direction(analyze)
+
+    @analyze.command("report")
+    def report(
+        out: Path | None = typer.Option(
+            None,
+            "--out",
+            help="directory for JSON, PNG and summary.md (default: <home>/reports/<exp>/<fp>)",
+        ),
+        top: int = typer.Option(20, "--top", help="features in the tables and bar charts"),
+        full: bool = typer.Option(
+            False, "--full", help="rebuild from every prompt (default: fold in only new ones)"
+        ),
+    ) -> None:
+        """Rank every graphed prompt, aggregate the divergent ones, write plots and a summary.
+
+        Incremental: the running aggregates are stored with the report, and a re-run folds in
+        only prompts that are new since (all of them when a folded prompt changed)."""
+        from rich.console import Console
+
+        from common.context import get_context
+        from services.analysis.report import build_report
+
+        ctx = get_context()
+        console = Console()
+        out_dir = out or ctx.settings.home / "reports" / ctx.exp.name / ctx.fingerprint
+        with console.status("building report") as status:
+            data = build_report(
+                ctx.store,
+                ctx.exp,
+                out_dir,
+                fingerprint=ctx.fingerprint,
+                top_n=top,
+                progress=lambda msg: status.update(msg),
+                full=full,
+            )
+        ix = data.index
+        how = "added to the stored aggregates" if data.incremental else "aggregated afresh"
+        console.print(f"{len(data.folded)} prompt(s) {how}")
+        nothing = sum(i.kind == "nothing_to_explain" for i in ix.issues)
+        console.print(
+            f"{ix.n_prompts_with_graphs} prompts with graphs, "
+            f"{len(ix.divergent_prompt_ids)} divergent; not ranked: {nothing} with nothing to "
+            f"explain, {len(ix.issues) - nothing} failed (see summary.md)"
+        )
+        failed = [i for i in ix.issues if i.kind == "failed"]
+        for i in failed[:20]:
+            console.print(f"[red]skipped[/] {i.prompt_id} / {i.variant}: {i.reason}", markup=True)
+        if len(failed) > 20:
+            console.print(f"... and {len(failed) - 20} more (index.json)")
+        for v, agg in data.aggregates.items():
+            head = ", ".join(
+                f"{node_label(f.layer, f.feature)} {f.mean_score:+.3f}" for f in agg.features[:5]
+            )
+            console.print(f"{v}: top features {head or '(none)'}")
+            if agg.shares is not None and agg.shares.shares.flag:
+                console.print(f"[yellow]{v}: {agg.shares.shares.flag}[/]")
+        console.print(f"wrote {len(ix.files)} files to {out_dir} (and the store)")
+
+
+def _register_direction(analyze: typer.Typer) -> None:
+    """Add ``emc analyze direction`` (it loads the models, unlike the other commands)."""
+
     @analyze.command("direction")
     def direction(
         pid: str = typer.Argument(..., help="prompt id (12 hex chars)"),
@@ -145,49 +208,3 @@ def register(app: typer.Typer) -> None:
             table.add_row(str(i), str(layer), str(pos), feature_cell(feat), f"{score:+.4f}")
         console.print(table)
         console.print(shares_table(ex.shares, f"{pid} / {v}: where P(evil)-P(safe) goes"))
-
-    @analyze.command("report")
-    def report(
-        out: Path | None = typer.Option(
-            None,
-            "--out",
-            help="directory for JSON, PNG and summary.md (default: <home>/reports/<exp>/<fp>)",
-        ),
-        top: int = typer.Option(20, "--top", help="features in the tables and bar charts"),
-    ) -> None:
-        """Rank every graphed prompt, aggregate the divergent ones, write plots and a summary."""
-        from rich.console import Console
-
-        from common.context import get_context
-        from services.analysis.report import build_report
-
-        ctx = get_context()
-        console = Console()
-        out_dir = out or ctx.settings.home / "reports" / ctx.exp.name / ctx.fingerprint
-        with console.status("building report") as status:
-            data = build_report(
-                ctx.store,
-                ctx.exp,
-                out_dir,
-                fingerprint=ctx.fingerprint,
-                top_n=top,
-                progress=lambda msg: status.update(msg),
-            )
-        ix = data.index
-        nothing = sum(i.kind == "nothing_to_explain" for i in ix.issues)
-        console.print(
-            f"{ix.n_prompts_with_graphs} prompts with graphs, "
-            f"{len(ix.divergent_prompt_ids)} divergent; not ranked: {nothing} with nothing to "
-            f"explain, {len(ix.issues) - nothing} failed (see summary.md)"
-        )
-        failed = [i for i in ix.issues if i.kind == "failed"]
-        for i in failed[:20]:
-            console.print(f"[red]skipped[/] {i.prompt_id} / {i.variant}: {i.reason}", markup=True)
-        if len(failed) > 20:
-            console.print(f"... and {len(failed) - 20} more (index.json)")
-        for v, agg in data.aggregates.items():
-            head = ", ".join(
-                f"{node_label(f.layer, f.feature)} {f.mean_score:+.3f}" for f in agg.features[:5]
-            )
-            console.print(f"{v}: top features {head or '(none)'}")
-        console.print(f"wrote {len(ix.files)} files to {out_dir} (and the store)")

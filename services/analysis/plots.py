@@ -13,10 +13,12 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from common.records import node_label
-from services.analysis.records import FeatureAggregate, FeatureChange
+from services.analysis.records import FeatureAggregate, FeatureChange, SharesAggregate
 
 EVIL = "#c0392b"
 SAFE = "#2e86c1"
+ERROR = "#7f8c8d"
+ADAPTER = "#8e44ad"
 DPI = 110
 
 
@@ -85,6 +87,50 @@ def plot_layers(agg: FeatureAggregate, path: Path) -> Path:
     ax.set_xlabel("layer (numbers: distinct features)")
     ax.set_ylabel("sum of mean scores")
     ax.set_title(f"{agg.variant}: where the evil-vs-safe score sits", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def plot_shares(agg: SharesAggregate, path: Path, *, variant: str) -> Path:
+    """Per layer: mean share of the score carried by features, error nodes and the adapter."""
+    s = agg.shares
+    fig = Figure(figsize=(7.5, 3.8))
+    ax = fig.subplots()
+    layers = [r.layer for r in s.layers]
+    width = 0.27 if s.adapter else 0.4
+    ax.bar(
+        [x - width / 2 for x in layers],
+        [r.features for r in s.layers],
+        width,
+        color=EVIL,
+        label="features",
+    )
+    ax.bar(
+        [x + width / 2 for x in layers],
+        [r.errors for r in s.layers],
+        width,
+        color=ERROR,
+        label="error nodes",
+    )
+    if s.adapter:
+        ax.bar(
+            [x + 1.5 * width for x in layers],
+            [r.adapter for r in s.layers],
+            width,
+            color=ADAPTER,
+            label="adapter",
+        )
+    ax.axhline(0, color="#888", lw=0.8)
+    ax.set_xticks(layers)
+    ax.yaxis.set_major_formatter(lambda v, _pos: f"{v:.0%}")
+    ax.set_xlabel(f"layer (tokens carry {s.tokens:+.0%}; largest feature {s.top_feature:+.1%})")
+    ax.set_ylabel("mean share of the score")
+    title = f"{variant}: where the evil-vs-safe score goes ({agg.n_prompts} prompts)"
+    if s.flag:
+        title += f"\nflag: errors carry more than features ({agg.n_flagged} prompts flagged)"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     return path

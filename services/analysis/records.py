@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.records import Record
+from common.diff import NodeChange
+from common.records import Record, ScoreShares
 
 
 class _Row(BaseModel):
@@ -46,6 +47,20 @@ class LayerShare(_Row):
     n_features: int
 
 
+class SharesAggregate(_Row):
+    """Score shares (:mod:`services.analysis.shares`) averaged over prompts: every prompt
+    counts once; ``shares.flag`` is set when the mean error share of a layer is larger
+    than the mean feature share of every layer."""
+
+    n_prompts: int = Field(description="prompts whose ranking carries shares")
+    mean_total: float = Field(description="mean linearised evil-minus-safe score")
+    shares: ScoreShares = Field(description="mean of each share (top_error_pos: not averaged)")
+    n_flagged: int = Field(description="prompts whose own shares were flagged")
+    flagged_layers: dict[int, int] = Field(
+        default_factory=dict, description="layer -> prompts where its error nodes were flagged"
+    )
+
+
 class FeatureAggregate(Record):
     """Features of one variant aggregated over a set of prompts (by default the divergent ones)."""
 
@@ -56,6 +71,9 @@ class FeatureAggregate(Record):
     n_features_total: int = Field(description="distinct (layer, feature) seen before truncation")
     features: list[AggregateFeature] = Field(description="highest mean_score first (top rows)")
     layers: list[LayerShare]
+    shares: SharesAggregate | None = Field(
+        default=None, description="where the score goes, over the same prompts"
+    )
 
 
 class FeatureChange(_Row):
@@ -99,6 +117,12 @@ class VariantComparison(Record):
     )
     by_activation: list[FeatureChange] = Field(description="largest |activation change| first")
     by_score: list[FeatureChange] = Field(description="largest |score change| first")
+    diff: list[NodeChange] = Field(
+        default_factory=list,
+        description="diff ranking over the scored prompts: mean score per node kind (features "
+        "and adapter nodes with positions folded, each layer's error nodes, tokens), largest "
+        "|change| first",
+    )
 
 
 class PromptIssue(_Row):

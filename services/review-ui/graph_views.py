@@ -25,6 +25,7 @@ from typing import Any
 
 from flask import Blueprint, abort, jsonify, render_template, request, send_file
 
+from common.diff import PromptDiff, prompt_diff
 from common.errors import AnalysisError
 from common.labels import resolve_labels
 from common.store import NotFound
@@ -104,6 +105,19 @@ def graph_variants(c: ReviewContext, pid: str) -> list[str]:
     ]
 
 
+def diffs(view: PromptView, top: int = 20) -> list[PromptDiff]:
+    """The diff ranking of each ranked variant against the ranked reference (none when the
+    reference has no ranking, e.g. nothing to explain there)."""
+    ref = next((v for v in view.variants if v.reference), None)
+    if ref is None or ref.features is None:
+        return []
+    return [
+        prompt_diff(ref.features, v.features, top=top)
+        for v in view.variants
+        if not v.reference and v.features is not None
+    ]
+
+
 @bp.route("/p/<pid>/analysis")
 def analysis(pid: str) -> Any:
     """``GET /p/<pid>/analysis``: a prompt's rankings, shares and links to its graphs."""
@@ -113,6 +127,7 @@ def analysis(pid: str) -> Any:
     return render_template(
         "analysis.html",
         view=view,
+        diffs=diffs(view),
         labels_changed=labels_changed(c, view),
         rows=FEATURE_ROWS,
     )

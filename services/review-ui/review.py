@@ -174,11 +174,15 @@ def load_prompt(c: ReviewContext, pid: str) -> Prompt:
     return prompt
 
 
-def load_prompt_view(c: ReviewContext, pid: str, viewer: str | None = None) -> PromptView:
+def load_prompt_view(
+    c: ReviewContext, pid: str, viewer: str | None = None, *, rankings: bool = True
+) -> PromptView:
     """Load a prompt with its logits, verdicts, labels and analysis; raises NotFound.
 
     ``viewer``: the reviewer looking; an overlap prompt they have not reviewed while it waits
     for its second review is shown blind (None: the whole history, e.g. for adjudication).
+    ``rankings=False`` leaves the feature rankings out (``features`` is None): the prompt
+    page never shows them, and at thousands of features they cost more than the rest.
     """
     prompt = load_prompt(c, pid)
     store, exp, fp = c.store, c.exp, c.fingerprint
@@ -196,7 +200,11 @@ def load_prompt_view(c: ReviewContext, pid: str, viewer: str | None = None) -> P
                 reference=name == c.experiment.reference,
                 logits=_maybe(store, K.logits(exp, pid, fp, name), TopKLogits),
                 verdict=_maybe(store, K.verdicts(exp, pid, fp, c.judge_id, name), Verdict),
-                features=_maybe(store, K.features(exp, pid, fp, name), FeatureRanking),
+                features=(
+                    _maybe(store, K.features(exp, pid, fp, name), FeatureRanking)
+                    if rankings
+                    else None
+                ),
                 has_graph=store.exists(K.graph_manifest(exp, pid, fp, name)),
             )
         )

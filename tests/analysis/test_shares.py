@@ -51,8 +51,8 @@ def test_error_nodes_carrying_more_than_features_are_flagged() -> None:
 
 
 def test_diff_ranking_orders_nodes_by_the_change_of_their_contribution() -> None:
+    from common.diff import prompt_diff
     from common.records import FeatureRanking, LayerShares, RankedFeature, ScoreShares
-    from services.analysis.diff import prompt_diff
 
     def ranking(
         variant: str, feats: list[tuple[int, int, int, float]], err1: float

@@ -141,3 +141,43 @@ def test_backward_edges_counted_alike_in_layer_order_and_shuffled() -> None:
     assert _backward_edges(G(layers[perm]), shuffled) == expected  # type: ignore[arg-type]
     forward = a * (layers[:, None] > layers[None, :])
     assert _backward_edges(G(layers), forward) == 0  # type: ignore[arg-type]
+
+
+def _in_layer_order(net: object) -> tuple[object, torch.Tensor]:
+    """The same network with its features renumbered in layer order (circuit-tracer's
+    layout, which takes the block solve), and the permutation of the source nodes."""
+    from common.graph.model import AttributionGraph
+
+    g = net.graph  # type: ignore[attr-defined]
+    f = g.n_features
+    perm_f = torch.argsort(g.features[:, 0], stable=True)
+    perm = torch.cat([perm_f, torch.arange(f, g.n_nodes)])
+    a = g.adjacency[perm][:, perm].clone()
+    return AttributionGraph(g.manifest, a, g.features[perm_f], g.activations[perm_f]), perm
+
+
+@pytest.mark.parametrize("seed", [0, 6])
+def test_block_solve_in_layer_order_equals_switching_off(seed: int) -> None:
+    """Layer-ordered graphs are solved by layer blocks on the float32 rows, without copying
+    them: same totals as the truth, the input untouched, float64 inputs too."""
+    from common.graph.influence import layer_order
+
+    net = linear_net(seed=seed)
+    ordered, perm = _in_layer_order(net)
+    assert layer_order(ordered) is None  # type: ignore[arg-type]
+    before = ordered.adjacency.clone()  # type: ignore[attr-defined]
+    inf = logit_influence(ordered)  # type: ignore[arg-type]
+    assert torch.equal(ordered.adjacency, before)  # type: ignore[attr-defined]
+    base = net.run()
+    n_src = net.graph.token_slice.stop
+    truth = torch.stack([base - net.run(off=s) for s in range(n_src)], dim=1)
+    assert inf.method == "solve" and inf.residual < 1e-9 and inf.hops >= 1
+    torch.testing.assert_close(inf.total, truth[:, perm[:n_src]], rtol=1e-4, atol=1e-5)
+    shuffled = logit_influence(net.graph)  # the general solve, on the shuffled order
+    torch.testing.assert_close(inf.total, shuffled.total[:, perm[:n_src]], rtol=1e-12, atol=1e-14)
+    assert inf.hops == shuffled.hops
+    ordered.adjacency = ordered.adjacency.double()  # type: ignore[attr-defined]
+    kept = ordered.adjacency.clone()  # type: ignore[attr-defined]
+    again = logit_influence(ordered)  # type: ignore[arg-type]
+    assert torch.equal(ordered.adjacency, kept)  # type: ignore[attr-defined]
+    torch.testing.assert_close(again.total, inf.total, rtol=1e-6, atol=1e-9)
