@@ -9,6 +9,9 @@
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/features/{variant}.json``  feature ranking
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/failures/{step}.json``     why a step failed
 ``experiments/{exp}/judges/{judge}/few_shot.json``                     a judge's pinned few-shots
+``experiments/{exp}/prompts/{pid}/runs/{fp}/feature_index.json``       its features, for the index
+``experiments/{exp}/features/{fp}/direction.json``                     the misalignment direction
+``experiments/{exp}/features/{fp}/effects/{layer}/{feature}.json``      a feature's output effects
 
 Results depend on the experiment fingerprint ``fp``, so a changed experiment never
 overwrites older results; prompts and human labels do not.
@@ -78,6 +81,27 @@ def graph_manifest(exp: str, pid: str, fp: str, variant: str) -> str:
 def features(exp: str, pid: str, fp: str, variant: str) -> str:
     """One variant's feature ranking."""
     return f"{run_dir(exp, pid, fp)}/features/{variant}.json"
+
+
+def feature_shard(exp: str, pid: str, fp: str) -> str:
+    """The prompt's feature activations and scores, every variant (the feature index's source)."""
+    return f"{run_dir(exp, pid, fp)}/feature_index.json"
+
+
+def features_dir(exp: str, fp: str) -> str:
+    """Prefix of the experiment's per-feature artifacts for fingerprint ``fp``."""
+    return f"experiments/{exp}/features/{fp}"
+
+
+def misalignment_direction(exp: str, fp: str) -> str:
+    """The per-layer misalignment direction (:class:`~common.feature_index.Direction`)."""
+    return f"{features_dir(exp, fp)}/direction.json"
+
+
+def feature_effects(exp: str, fp: str, layer: int, feature: int) -> str:
+    """One feature's output effects and direction cosine (:class:`~common.feature_index.FeatureEffects`;
+    transcoders and unembedding are shared by every variant)."""
+    return f"{features_dir(exp, fp)}/effects/{layer}/{feature}.json"
 
 
 def failure(exp: str, pid: str, fp: str, step: str) -> str:
@@ -205,6 +229,7 @@ _RUN_KINDS = (
     (re.compile(r"^features/(?P<variant>[^/]+)\.json$"), "features"),
     (re.compile(r"^failures/(?P<step>[^/]+)\.json$"), "failure"),
     (re.compile(r"^samples/(?P<variant>[^/]+)/(?P<token>\d+)\.json$"), "samples"),
+    (re.compile(r"^feature_index\.json$"), "feature_shard"),
 )
 
 #: the pipeline step that writes each kind of prompt artifact (``emc retry --step``)
@@ -215,6 +240,7 @@ STEP_OF_KIND = {
     "graph_tensors": "graph",
     "graph_manifest": "graph",
     "features": "analysis",
+    "feature_shard": "analysis",
 }
 
 

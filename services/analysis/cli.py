@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from common.commands import fail
 from common.diff import PromptDiff, prompt_diff
 from common.records import ScoreShares, feature_cell, node_label
 
@@ -113,6 +114,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
     _register_direction(analyze)
+    _register_features(app)
 
     @analyze.command("report")
     def report(
@@ -208,3 +210,75 @@ def _register_direction(analyze: typer.Typer) -> None:
             table.add_row(str(i), str(layer), str(pos), feature_cell(feat), f"{score:+.4f}")
         console.print(table)
         console.print(shares_table(ex.shares, f"{pid} / {v}: where P(evil)-P(safe) goes"))
+
+
+def _register_features(app: typer.Typer) -> None:
+    """Add ``emc features`` (the feature index, pages' evidence, the misalignment direction)."""
+    features = typer.Typer(
+        help="What ranked features mean: the feature index, output effects, the "
+        "misalignment direction.",
+        no_args_is_help=True,
+    )
+    app.add_typer(features, name="features")
+
+    @features.command("reindex")
+    def reindex_features() -> None:
+        """Rebuild the feature index in Redis from the prompts' stored shards."""
+        from rich.progress import track
+
+        from common.context import get_context
+        from common.feature_index import FeatureIndex, rebuild
+        from common.index import prompt_ids
+
+        ctx = get_context()
+        index = FeatureIndex(ctx.redis, ctx.exp.name, ctx.fingerprint)
+        pids = list(prompt_ids(ctx))
+        n = rebuild(
+            ctx.store,
+            index,
+            ctx.exp.name,
+            ctx.fingerprint,
+            pids,
+            progress=lambda it: track(it, total=len(pids), description="indexing"),
+        )
+        typer.echo(f"indexed the features of {n} of {len(pids)} prompts")
+
+    @features.command("build")
+    def build(
+        variant: str = typer.Option("", "--variant", "-v", help="variant (default: adapted)"),
+        max_prompts: int = typer.Option(200, help="divergent prompts for the direction"),
+    ) -> None:
+        """Compute the misalignment direction over divergent prompts, check it by ablation
+        against a random direction, and store every indexed feature's output effects and
+        cosine with it (needs the models)."""
+        from rich.console import Console
+
+        from common.context import get_context
+        from common.feature_index import FeatureIndex
+        from common.index import prompt_ids
+        from services.analysis.features import build_features, divergent_prompts
+        from services.attribution.runtime import get_runtime
+
+        ctx = get_context()
+        console = Console()
+        v = variant or next(x for x in ctx.exp.variant_names if x != ctx.exp.reference)
+        prompts = divergent_prompts(
+            ctx.store, ctx.exp.name, ctx.fingerprint, prompt_ids(ctx), v, max_prompts
+        )
+        if not prompts:
+            raise fail(f"no ranked prompt of {v} with an evil token yet: mine and analyze first")
+        rt = get_runtime(ctx.exp, ctx.fingerprint, cache_dir=ctx.settings.cache_dir)
+        index = FeatureIndex(ctx.redis, ctx.exp.name, ctx.fingerprint)
+        with console.status("building") as status:
+            record = build_features(
+                rt, ctx.store, index, prompts, variant=v, progress=lambda m: status.update(m)
+            )
+        table = Table("layer", "|direction|", "harm removed: direction", "random (same norm)")
+        for row, norm in zip(record.ablation["layers"], record.norms, strict=True):
+            table.add_row(
+                str(row["layer"]),
+                f"{norm:.3f}",
+                f"{row['removed_direction']:+.1%}",
+                f"{row['removed_random']:+.1%}",
+            )
+        console.print(table)

@@ -10,7 +10,7 @@ from common.context import Context
 from common.errors import ANALYSIS_STEP, NothingToExplain, PromptFailure
 from common.graph.artifact import graphs_done
 from common.pipeline import Next
-from common.records import Status
+from common.records import FeatureRanking, Prompt, Status
 from common.scores import HarmVerdicts
 from common.store import NotFound, StoreError
 from common.store import keys as K
@@ -35,16 +35,35 @@ def step_rank(ctx: Context, pid: str) -> list[Next]:
     if not graphs_done(ctx.store, ctx.exp.name, pid, ctx.fingerprint, variants):
         log.info("prompt %s: graphs not all there yet; analysis waits for the last one", pid)
         return []
+    rankings = {}
     for variant in variants:
         try:
-            rank_prompt(ctx.store, ctx.exp, pid, variant, fingerprint=ctx.fingerprint)
+            rankings[variant] = rank_prompt(
+                ctx.store, ctx.exp, pid, variant, fingerprint=ctx.fingerprint
+            )
         except NothingToExplain as e:
             # e.g. the reference variant has no evil token: a finding, not a failure
             log.info("prompt %s/%s: no ranking: %s", pid, variant, e.reason)
         except StoreError as e:  # a corrupt artifact: its message names it and the retry
             raise PromptFailure(ANALYSIS_STEP, str(e), variant=variant) from None
+    try:
+        index_features(ctx, pid, rankings)
+    except StoreError as e:
+        raise PromptFailure(ANALYSIS_STEP, str(e)) from None
     ctx.queue.set_status(pid, Status.analyzed)
     return []
+
+
+def index_features(ctx: Context, pid: str, rankings: dict[str, FeatureRanking]) -> None:
+    """Put the prompt's features into the feature index (:mod:`common.feature_index`)."""
+    from common.feature_index import FeatureIndex, index_prompt, shard_of
+    from common.graph.artifact import load_graph
+
+    exp, fp = ctx.exp.name, ctx.fingerprint
+    graphs = {v: load_graph(ctx.store, exp, pid, fp, v) for v in ctx.exp.variant_names}
+    prompt = ctx.store.get_record(K.prompt(exp, pid), Prompt)
+    shard = shard_of(pid, prompt.text, prompt.source, graphs, rankings)
+    index_prompt(ctx.store, FeatureIndex(ctx.redis, exp, fp), exp, fp, shard)
 
 
 # ----------------------------------------------------------------------------- steering runs

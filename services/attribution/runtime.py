@@ -382,6 +382,11 @@ class Runtime:
         n_targets = len(custom_targets) if custom_targets is not None else None
         return self.from_raw(graph, text, variant, elapsed, target_token_ids, n_targets)
 
+    def residuals_last(self, text: str, variant: str) -> torch.Tensor:
+        """Residual stream after every layer at the prompt's last position
+        ``[n_layers, d_model]`` (float32, CPU)."""
+        return ct.residuals_last(self.variant(variant).model, self.tokenize(text, variant))
+
     def logit_directions(self, variant: str, token_ids: list[int]) -> torch.Tensor:
         """Demeaned unembedding directions ``[k, d_model]`` of these tokens (float32, CPU):
         what a logit node injects, so a weighted sum of them is a custom target."""

@@ -119,6 +119,7 @@ def create_app(
         adjudication_views,
         agreement_views,
         auth,
+        feature_views,
         graph_views,
         prompt_views,
         queue_views,
@@ -135,6 +136,7 @@ def create_app(
         agreement_views.calibration,
         adjudication_views.bp,
         graph_views.bp,
+        feature_views.bp,
     ):
         app.register_blueprint(bp)
     _install_helpers(app, context)
@@ -166,6 +168,8 @@ def _install_helpers(app: Flask, context: ReviewContext) -> None:
         if is_byte_fragment(token):
             return token
         return token.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+
+    app.jinja_env.globals["zip"] = zip
 
     @app.template_filter("is_fragment")
     def _is_fragment(token: str) -> bool:

@@ -17,6 +17,7 @@ import torch
 from common.graph.model import AttributionGraph
 from common.records import GraphManifest
 from common.tokens import token_text
+from services.attribution.ct.fast import UpstreamChanged
 
 if TYPE_CHECKING:
     from circuit_tracer.graph import Graph
@@ -156,8 +157,6 @@ def logit_directions(model: ReplacementModel, token_ids: Sequence[int]) -> torch
     """The demeaned unembedding directions ``[k, d_model]`` circuit-tracer injects for these
     tokens' logit nodes (a logit minus the mean logit: softmax ignores a shared shift)."""
     from circuit_tracer.attribution.targets import AttributionTargets
-
-    from services.attribution.ct.fast import UpstreamChanged
 
     unembed = model.unembed_proj  # nnsight backend: (d_vocab, d_model)
     if int(unembed.shape[1]) != int(model.cfg.d_model):
@@ -528,3 +527,73 @@ def inject_adapter_nodes(ctx: Any, nodes: Sequence[AdapterNodes], d_transcoder: 
     ctx.decoder_locations = matrix.indices()[:2]
     ctx._row_size = int(matrix._nnz()) + (n_layers + 1) * n_pos
     return len(new_idx)
+
+
+# ------------------------------------------------------------------ residual stream and decoders
+
+
+def _resid_post(model: ReplacementModel, layer: int) -> torch.nn.Module:
+    for name, module, _ in hook_modules(model, layer):
+        if name == "hook_resid_post":
+            return module
+    raise UpstreamChanged(f"no hook_resid_post module at layer {layer}")
+
+
+def residuals_last(model: ReplacementModel, input_ids: Sequence[int]) -> torch.Tensor:
+    """The residual stream after every layer at the last position, ``[n_layers, d_model]``."""
+    n_layers = int(model.cfg.n_layers)
+    out: list[torch.Tensor | None] = [None] * n_layers
+    handles = []
+
+    def keep(layer: int) -> Any:
+        def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            value = output[0] if isinstance(output, tuple) else output
+            out[layer] = value[0, -1].detach().float().cpu()
+
+        return hook
+
+    try:
+        for layer in range(n_layers):
+            handles.append(_resid_post(model, layer).register_forward_hook(keep(layer)))
+        forward_logits(model, input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(r is None for r in out):
+        raise UpstreamChanged("a residual-stream hook did not fire")
+    return torch.stack([r for r in out if r is not None])
+
+
+def forward_logits_ablated(
+    model: ReplacementModel,
+    input_ids: Sequence[int],
+    layer: int,
+    direction: torch.Tensor,
+    value: float = 0.0,
+) -> torch.Tensor:
+    """Last-position logits with the residual stream's component along the unit
+    ``direction`` after ``layer`` set to ``value`` at the last position (directional
+    ablation; ``value`` the reference model's mean there makes it a mean ablation)."""
+    unit = direction / direction.norm()
+
+    def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+        value_t = output[0] if isinstance(output, tuple) else output
+        u = unit.to(device=value_t.device, dtype=value_t.dtype)
+        last = value_t[:, -1]
+        new_last = last - ((last @ u) - value).unsqueeze(-1) * u
+        value_t = torch.cat([value_t[:, :-1], new_last.unsqueeze(1)], dim=1)
+        return (value_t, *output[1:]) if isinstance(output, tuple) else value_t
+
+    handle = _resid_post(model, layer).register_forward_hook(hook)
+    try:
+        return forward_logits(model, input_ids)[-1]
+    finally:
+        handle.remove()
+
+
+def decoder_rows(model: ReplacementModel, layer: int, features: Sequence[int]) -> torch.Tensor:
+    """Decoder vectors ``[n, d_model]`` of per-layer transcoder features (float32, CPU)."""
+    transcoders: Any = model.transcoders
+    ids = torch.tensor(list(features), dtype=torch.long)
+    vecs = transcoders._get_decoder_vectors(layer, ids)  # lazy decoders load only these rows
+    return torch.as_tensor(vecs).reshape(len(ids), -1).float().cpu()

@@ -1,0 +1,234 @@
+"""What a ranked feature means: output effects, the misalignment direction, and its check.
+
+Needs the models (the attribution runtime, used as a library); ``emc features build`` runs it.
+
+- **Misalignment direction**, per layer: the mean of the adapted minus the reference residual
+  stream at the pivotal (last) position over divergent prompts, the "convergent linear
+  representation" of the EM literature.
+- **Its check**: harmful mass at the pivot with the residual stream's component along the
+  direction after one layer set to the reference model's mean there (mean ablation at the
+  pivotal position), against a random direction of the same norm treated the same way: the
+  share of the adapter's harmful rise (adapted minus reference) each removes.
+- **Output effects** of every indexed feature: its decoder direction times the demeaned
+  unembedding, the top boosted and suppressed tokens, and its cosine with its layer's
+  misalignment direction (:class:`common.feature_index.FeatureEffects`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from common.feature_index import Direction, FeatureEffects, FeatureIndex
+from common.store import ObjectStore
+from common.store import keys as K
+from services.attribution import ct
+from services.attribution.runtime import Runtime
+
+ALIGNED_COSINE = 0.3
+"""|cosine| with the layer's misalignment direction above which a feature counts as aligned
+with it (random directions in d_model have |cos| ~ 1/sqrt(d_model))."""
+
+
+def misalignment_direction(runtime: Runtime, texts: Sequence[str], variant: str) -> torch.Tensor:
+    """``[n_layers, d_model]``: mean over ``texts`` of variant minus reference residual
+    stream after each layer at the last position."""
+    ref = runtime.exp.reference
+    total: torch.Tensor | None = None
+    for text in texts:
+        diff = runtime.residuals_last(text, variant) - runtime.residuals_last(text, ref)
+        total = diff if total is None else total + diff
+    if total is None:
+        raise ValueError("no divergent prompts to compute the misalignment direction from")
+    return total / len(texts)
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    """One layer's check: share of the adapter's harmful rise removed by each ablation."""
+
+    layer: int
+    removed_direction: float
+    removed_random: float
+
+
+def harmful_mass(logits: torch.Tensor, evil_ids: Iterable[int]) -> float:
+    """Probability mass of ``evil_ids`` in last-position ``logits``."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return float(probs[list(evil_ids)].sum())
+
+
+def ablation_check(
+    runtime: Runtime,
+    texts: Sequence[str],
+    evil_ids: Sequence[Iterable[int]],
+    variant: str,
+    direction: torch.Tensor,
+    *,
+    seed: int = 0,
+) -> list[AblationRow]:
+    """Per layer, the share of the harmful rise (variant minus reference, summed over
+    ``texts``) that projecting out the layer's direction removes, vs a random direction of
+    the same norm (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = runtime.variant(variant).model
+    ref = runtime.exp.reference
+    ids = [runtime.tokenize(t, variant) for t in texts]
+    evil = [sorted(e) for e in evil_ids]
+    ref_resid = torch.stack([runtime.residuals_last(t, ref) for t in texts])  # [n, L, d]
+    adapted = sum(
+        harmful_mass(runtime.checked_logits(i, variant), e) for i, e in zip(ids, evil, strict=True)
+    )
+    base = sum(
+        harmful_mass(runtime.checked_logits(i, ref), e) for i, e in zip(ids, evil, strict=True)
+    )
+    rise = adapted - base
+    rows = []
+    for layer, vec in enumerate(direction):
+        if float(vec.norm()) < 1e-9:  # no difference at this layer (e.g. before the adapter)
+            rows.append(AblationRow(layer=layer, removed_direction=0.0, removed_random=0.0))
+            continue
+        rand = torch.randn(vec.shape, generator=gen)
+        rand = rand * (vec.norm() / rand.norm())
+
+        def mass(d: torch.Tensor, layer: int = layer) -> float:
+            mean_ref = float((ref_resid[:, layer] @ (d / d.norm())).mean())
+            return sum(
+                harmful_mass(ct.forward_logits_ablated(model, i, layer, d, mean_ref), e)
+                for i, e in zip(ids, evil, strict=True)
+            )
+
+        rows.append(
+            AblationRow(
+                layer=layer,
+                removed_direction=(adapted - mass(vec)) / rise if rise else 0.0,
+                removed_random=(adapted - mass(rand)) / rise if rise else 0.0,
+            )
+        )
+    return rows
+
+
+def feature_effects(
+    runtime: Runtime,
+    variant: str,
+    features: Sequence[tuple[int, int]],
+    direction: torch.Tensor | None,
+    *,
+    top: int = 8,
+    chunk: int = 256,
+) -> list[FeatureEffects]:
+    """Output effects (and direction cosines) of per-layer transcoder features; adapter
+    nodes (negative ids) have no decoder row and are left out."""
+    model = runtime.variant(variant).model
+    unembed = model.unembed_proj.float().cpu()  # (vocab, d_model)
+    demeaned = unembed - unembed.mean(dim=0, keepdim=True)
+    tok = runtime.variant(variant).tokenizer
+    out = []
+    by_layer: dict[int, list[int]] = {}
+    for layer, feat in features:
+        if feat >= 0:
+            by_layer.setdefault(layer, []).append(feat)
+    for layer, feats in sorted(by_layer.items()):
+        for start in range(0, len(feats), chunk):
+            part = feats[start : start + chunk]
+            rows = ct.decoder_rows(model, layer, part)
+            effects = rows @ demeaned.T  # [n, vocab]
+            cos = None
+            if direction is not None:
+                d = direction[layer]
+                cos = (rows @ d) / (rows.norm(dim=1) * d.norm()).clamp_min(1e-12)
+                cos = cos if float(d.norm()) > 1e-9 else None
+            up = torch.topk(effects, top, dim=1)
+            down = torch.topk(-effects, top, dim=1)
+            for i, feat in enumerate(part):
+                out.append(
+                    FeatureEffects(
+                        layer=layer,
+                        feature=feat,
+                        boosted=[
+                            (runtime.decode_token(variant, int(t)), float(v))
+                            for v, t in zip(up.values[i], up.indices[i], strict=True)
+                        ],
+                        suppressed=[
+                            (runtime.decode_token(variant, int(t)), -float(v))
+                            for v, t in zip(down.values[i], down.indices[i], strict=True)
+                        ],
+                        direction_cosine=float(cos[i]) if cos is not None else None,
+                    )
+                )
+    del tok
+    return out
+
+
+def build_features(
+    runtime: Runtime,
+    store: ObjectStore,
+    index: FeatureIndex,
+    divergent: Sequence[tuple[str, str, list[int]]],
+    *,
+    variant: str,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Direction:
+    """``emc features build``: the direction from ``divergent`` (prompt id, text, evil token
+    ids), its ablation check, and the effects of every indexed feature, all stored."""
+    exp, fp = runtime.exp, runtime.fingerprint
+    texts = [t for _, t, _ in divergent]
+    progress(f"misalignment direction over {len(texts)} divergent prompts")
+    direction = misalignment_direction(runtime, texts, variant)
+    # the check is held out: a direction from every other prompt, tried on the rest
+    fit, held = divergent[::2], divergent[1::2] or divergent
+    progress(f"ablation check on {len(held)} held-out prompts")
+    rows = ablation_check(
+        runtime,
+        [t for _, t, _ in held],
+        [e for _, _, e in held],
+        variant,
+        misalignment_direction(runtime, [t for _, t, _ in fit], variant),
+    )
+    record = Direction(
+        experiment=exp.name,
+        fingerprint=fp,
+        variant=variant,
+        reference=exp.reference,
+        prompt_ids=[p for p, _, _ in divergent],
+        vectors=direction.tolist(),
+        norms=direction.norm(dim=1).tolist(),
+        ablation={
+            "n_fit": len(fit),
+            "n_held_out": len(held),
+            "layers": [r.__dict__ for r in rows],
+            "method": "component along the direction after the layer set to the reference "
+            "model's mean, at the pivotal position; random: a Gaussian direction of the same "
+            "norm, the same way",
+        },
+    )
+    store.put_json(K.misalignment_direction(exp.name, fp), record)
+    feats = sorted(set(index.features(variant)) | set(index.features(exp.reference)))
+    progress(f"output effects of {len(feats)} features")
+    for effect in feature_effects(runtime, variant, feats, direction):
+        store.put_json(K.feature_effects(exp.name, fp, effect.layer, effect.feature), effect)
+    return record
+
+
+def divergent_prompts(
+    store: ObjectStore, exp: str, fp: str, pids: Iterable[str], variant: str, limit: int
+) -> list[tuple[str, str, list[int]]]:
+    """(prompt id, text, evil token ids) of up to ``limit`` prompts whose ``variant`` has a
+    ranking, i.e. an evil token to explain (oldest ids first, for a stable choice)."""
+    from common.records import FeatureRanking, Prompt
+    from common.store import NotFound
+
+    out = []
+    for pid in sorted(pids):
+        try:
+            ranking = store.get_record(K.features(exp, pid, fp, variant), FeatureRanking)
+        except NotFound:
+            continue
+        if ranking.evil_token_ids:
+            text = store.get_record(K.prompt(exp, pid), Prompt).text
+            out.append((pid, text, list(ranking.evil_token_ids)))
+        if len(out) >= limit:
+            break
+    return out

@@ -1,0 +1,147 @@
+"""The feature page's evidence, read from the feature index and the store (bounded reads)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from common.feature_index import FeatureEffects, FeatureIndex, FeatureShard, FeatureStats
+from common.store import NotFound, ObjectStore
+from common.store import keys as K
+
+ALIGNED_COSINE = 0.3
+"""|cosine| with the layer's misalignment direction from which a feature is marked aligned
+(the same threshold as ``services.analysis.features.ALIGNED_COSINE``)."""
+
+
+@dataclass
+class ContextRow:
+    """One top-activating context: the tokens around the position, the token highlighted."""
+
+    prompt_id: str
+    source: str
+    pos: int
+    activation: float
+    before: str
+    token: str
+    after: str
+
+
+@dataclass
+class FeaturePage:
+    """Everything a feature page shows (also its JSON)."""
+
+    variant: str
+    layer: int
+    feature: int
+    stats: dict[str, FeatureStats | None]  # variant -> its running sums
+    contexts: list[ContextRow]
+    top_prompts: list[tuple[str, float]]
+    effects: FeatureEffects | None
+    steering: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def aligned(self) -> bool | None:
+        """Whether its decoder direction is aligned with the misalignment direction."""
+        if self.effects is None or self.effects.direction_cosine is None:
+            return None
+        return abs(self.effects.direction_cosine) >= ALIGNED_COSINE
+
+    def to_json(self) -> dict[str, Any]:
+        """The page as JSON (``/api/features/...``)."""
+        return {
+            "variant": self.variant,
+            "layer": self.layer,
+            "feature": self.feature,
+            "stats": {v: (asdict(s) if s else None) for v, s in self.stats.items()},
+            "contexts": [asdict(c) for c in self.contexts],
+            "top_prompts": [{"prompt_id": p, "abs_score": s} for p, s in self.top_prompts],
+            "effects": self.effects.model_dump(mode="json") if self.effects else None,
+            "aligned_with_misalignment_direction": self.aligned,
+            "steering": self.steering,
+        }
+
+
+def _window(tokens: list[str], pos: int, before: int = 12, after: int = 3) -> tuple[str, str, str]:
+    return (
+        "".join(tokens[max(0, pos - before) : pos]),
+        tokens[pos] if pos < len(tokens) else "",
+        "".join(tokens[pos + 1 : pos + 1 + after]),
+    )
+
+
+def steering_runs(
+    store: ObjectStore, exp: str, fp: str, layer: int, feature: int
+) -> list[dict[str, Any]]:
+    """Steering results whose arms set this feature: arm, harmful rate vs the control's."""
+    out = []
+    for key in store.list_keys(K.steering_prefix(exp, fp) + "/"):
+        if (
+            not key.endswith(".json")
+            or "/samples" in key
+            or key.count("/") != K.steering_prefix(exp, fp).count("/") + 1
+        ):
+            continue
+        try:
+            doc = store.get_json(key)
+        except Exception:  # a non-result file under the prefix: not a run
+            continue
+        if not isinstance(doc, dict) or "arms" not in doc:
+            continue
+        for arm in doc["arms"]:
+            if any(f["layer"] == layer and f["feature"] == feature for f in arm["features"]):
+                out.append(
+                    {
+                        "spec_hash": doc["spec_hash"],
+                        "arm": arm["name"],
+                        "variant": doc["spec"]["variant"],
+                        "harmful_rate": arm["harmful_rate"],
+                        "control_rate": doc["control"]["harmful_rate"],
+                        "n": arm["n"],
+                    }
+                )
+    return out
+
+
+def feature_page(
+    store: ObjectStore,
+    index: FeatureIndex,
+    exp: str,
+    fp: str,
+    variants: list[str],
+    variant: str,
+    layer: int,
+    feature: int,
+    *,
+    n_contexts: int = 10,
+) -> FeaturePage:
+    """The page of one feature of one variant (raises NotFound if it never fired)."""
+    stats = {v: index.stats(v, layer, feature) for v in variants}
+    if stats.get(variant) is None:
+        raise NotFound(f"feature L{layer}/{feature} never fired in an indexed graph of {variant}")
+    rows = []
+    for ctx in index.contexts(variant, layer, feature, n_contexts):
+        try:
+            shard = store.get_record(K.feature_shard(exp, ctx.prompt_id, fp), FeatureShard)
+        except NotFound:
+            continue
+        before, token, after = _window(shard.tokens, ctx.pos)
+        rows.append(
+            ContextRow(ctx.prompt_id, shard.source, ctx.pos, ctx.activation, before, token, after)
+        )
+    try:
+        effects: FeatureEffects | None = store.get_record(
+            K.feature_effects(exp, fp, layer, feature), FeatureEffects
+        )
+    except NotFound:
+        effects = None
+    return FeaturePage(
+        variant=variant,
+        layer=layer,
+        feature=feature,
+        stats=stats,
+        contexts=rows,
+        top_prompts=index.top_prompts(variant, layer, feature),
+        effects=effects,
+        steering=steering_runs(store, exp, fp, layer, feature),
+    )
