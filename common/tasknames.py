@@ -12,11 +12,15 @@ QUEUES: tuple[str, ...] = ("generate", "judge", "gpu", "analysis")
 
 GENERATE_BATCH = "emc.generate.batch"  # services.generator.tasks
 GENERATE_TICK = "emc.generate.tick"  # services.generator.tasks (beat)
+GENERATE_PTS = "emc.generate.pts_step"  # services.generator.tasks (answers: advance a search)
 GPU_LOGITS = "emc.gpu.logits"  # services.attribution.tasks
 GPU_GRAPH = "emc.gpu.graph"  # services.attribution.tasks
 GPU_CONTINUATIONS = "emc.gpu.sample_continuations"  # services.attribution.tasks
+GPU_PTS_ANSWERS = "emc.gpu.pts_answers"  # services.attribution.tasks (answers generator)
+GPU_PTS_ROLLOUTS = "emc.gpu.pts_rollouts"  # services.attribution.tasks (answers generator)
 GPU_STEER = "emc.gpu.steer"  # services.analysis.tasks (sampling through attribution's runtime)
 JUDGE_VERDICTS = "emc.judge.verdicts"  # services.judge.tasks
+JUDGE_PTS_SCORE = "emc.judge.pts_score"  # services.judge.tasks (answers and rollouts)
 JUDGE_HARM = "emc.judge.harm"  # services.judge.tasks (continuations of a steering run)
 ANALYSIS_RANK = "emc.analysis.rank_prompt"  # services.analysis.tasks
 ANALYSIS_STEERING = "emc.analysis.steering"  # services.analysis.tasks (a steering run's result)

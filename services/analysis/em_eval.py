@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.questions import METRICS, EvalError
+from common.questions import METRICS
 from common.questions import EmQuestion as EmQuestion  # re-exported
+from common.questions import EvalError as EvalError  # re-exported
 from common.questions import load_questions as load_questions  # re-exported
 from common.records import Record
 from common.scores import EmScorer, JudgeScore

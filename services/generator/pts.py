@@ -101,14 +101,16 @@ def search(
             pivots.append(Pivot(a, pa, pb))
             continue
         m = (a + b) // 2
-        if max_prefixes is not None and m not in known and len(known) + len(missing) >= max_prefixes:
+        if (
+            max_prefixes is not None
+            and m not in known
+            and len(known) + len(missing) >= max_prefixes
+        ):
             capped = True
             continue
         stack += [(m, b), (a, m)]  # left half first
     pivots.sort(key=lambda pv: pv.position)
-    return SearchResult(
-        pivots=pivots, needed=sorted(missing), evaluated=len(known), capped=capped
-    )
+    return SearchResult(pivots=pivots, needed=sorted(missing), evaluated=len(known), capped=capped)
 
 
 def success_rate(outcomes: Sequence[bool]) -> float | None:
