@@ -22,6 +22,7 @@ from common.experiment import Experiment
 from common.questions import EmQuestion, is_misaligned_coherent, load_questions
 from common.records import Record
 from common.scores import JudgeScore, score_value
+from common.store import ObjectStore
 
 
 def answer_id(
@@ -201,3 +202,45 @@ class PromptOrigin(Record):
         description="(character offset in the answer, P(misaligned)) along the answer"
     )
     continuations: list[str] = Field(description="rollouts after the pivotal token")
+
+
+class PtsProgress(BaseModel):
+    """How far the answers generator got (``emc status``)."""
+
+    answers: int = 0
+    searched: int = 0
+    misaligned: int = 0
+    rollout_batches: int = 0
+    pivots: int = 0
+    prompts: int = 0
+    capped: int = 0
+
+    def line(self) -> str:
+        return (
+            f"answers generator: {self.answers} answers sampled, {self.searched} searched "
+            f"({self.misaligned} misaligned+coherent, {self.capped} at the prefix cap), "
+            f"{self.rollout_batches} rollout batches, {self.pivots} pivots, "
+            f"{self.prompts} prompts"
+        )
+
+
+def pts_progress(store: ObjectStore, exp: str, fp: str) -> PtsProgress:
+    """Counts of the answers generator's stored work for one experiment and fingerprint."""
+    from common.store import keys as K
+
+    prefix = K.pts_prefix(exp, fp)
+    out = PtsProgress()
+    for key in store.list_keys(prefix + "/"):
+        rest = key[len(prefix) + 1 :]
+        if rest.startswith("answers/"):
+            out.answers += 1
+        elif rest.startswith("rollouts/"):
+            out.rollout_batches += 1
+        elif rest.startswith("searches/"):
+            search = store.get_record(key, PtsSearch)
+            out.searched += 1
+            out.misaligned += search.misaligned
+            out.capped += search.capped
+            out.pivots += len(search.pivots)
+            out.prompts += sum(pv.prompt_id is not None for pv in search.pivots)
+    return out
