@@ -10,6 +10,7 @@ from common.prompt_format import turns
 from common.store import NotFound
 from common.store import keys as K
 from services.review_ui.context import ctx
+from services.review_ui.origin import load_origin
 from services.review_ui.review import (
     InvalidLabel,
     PromptView,
@@ -69,6 +70,7 @@ def page(pid: str) -> Any:
         user_text=user,
         assistant_text=assistant,
         data=page_data(view),
+        origin=load_origin(ctx().store, ctx().exp, pid),
         saved=request.args.get("saved", ""),
         overwrote=request.args.get("overwrote", ""),
     )
