@@ -5,7 +5,8 @@ generator, both on the same situations (the organism's held-out situations, ever
 as open questions for the one, as template prompts for the other), judged the pipeline's
 way (top-k of every variant, the lexicon judge, the funnel).
 
-Validation: for each pivot found, P(misaligned | prefix + pivotal token) minus
+Validation: for each pivot found (once per prompt and pivotal token, also where another
+answer's search emitted the prompt first), P(misaligned | prefix + pivotal token) minus
 P(misaligned | prefix + the base variant's top token), from fresh rollouts of the variant
 that wrote the answer (seeds the search never used), mean with a 95% CI.
 
@@ -47,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    from common.answers import PtsAnswer, RolloutBatch, answer_seed, questions_of, slot_answer_id
+    from common.answers import (
+        PtsAnswer,
+        PtsSearch,
+        RolloutBatch,
+        answer_seed,
+        questions_of,
+        slot_answer_id,
+    )
     from common.experiment import parse_experiment
     from common.lexicon import Lexicon
     from common.organism import ensure_organism
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                     store.put_json(key, b.model_copy(update={"scores": scored}))
                     rollout_batches += 1
             assert step.search is not None and step.answer is not None
-            _search, prompts = emit_pivots(store, exp, step.search, step.answer)
+            search, prompts = emit_pivots(store, exp, step.search, step.answer)
+            store.put_json(K.pts_search(exp.name, fp, aid), search)
             emitted += prompts
     pts_s = time.perf_counter() - t0
     pts_div = sum(divergent(p) for p in emitted)
@@ -146,23 +155,33 @@ def main(argv: list[str] | None = None) -> int:
     t_div = sum(divergent(p) for p in t_prompts)
 
     # ---------------------------------------------------------------- validation
+    # every pivot found (also those whose prompt another answer emitted first), once per
+    # (prompt, pivotal token)
+    found: dict[tuple[str, int], tuple[PtsAnswer, int]] = {}
+    pivots_found = 0
+    for key in store.list_keys(K.pts_prefix(exp.name, fp) + "/searches/"):
+        search = store.get_record(key, PtsSearch)
+        for pv in search.pivots:
+            pivots_found += 1
+            if pv.prompt_id is None:
+                continue
+            answer = store.get_record(K.pts_answer(exp.name, fp, search.answer_id), PtsAnswer)
+            found.setdefault((pv.prompt_id, answer.token_ids[pv.position]), (answer, pv.position))
     deltas: list[float] = []
     same_top = 0
-    for prompt in emitted:
-        origin = json.loads(store.get_bytes(K.prompt_origin(exp.name, prompt.id)))
-        answer = store.get_record(K.pts_answer(exp.name, fp, origin["answer_id"]), PtsAnswer)
+    for (pid, pivot_id), (answer, position) in sorted(found.items()):
+        text = store.get_record(K.prompt(exp.name, pid), Prompt).text
         q = by_id[answer.question_id]
-        ids = rt.tokenize(prompt.text, answer.variant)
-        pivot_id = answer.token_ids[origin["position"]]
-        base_top = rt.top_k(prompt.text, exp.reference, k=1).tokens[0].token_id
+        ids = rt.tokenize(text, answer.variant)
+        base_top = rt.top_k(text, exp.reference, k=1).tokens[0].token_id
         same_top += pivot_id == base_top
         tok = rt.variant(answer.variant).tokenizer
         arms = []
         for first in (pivot_id, base_top):
             seed = answer_seed(answer.answer_id, 10_000 + first)  # never a search seed
-            budget = max(1, spec.max_new_tokens - origin["position"] - 1)
+            budget = max(1, spec.max_new_tokens - position - 1)
             outs = sample_ids(rt, [*ids, first], answer.variant, args.fresh, budget, 1.0, seed)
-            prefix = answer.prefix(origin["position"]).rstrip()
+            prefix = answer.prefix(position).rstrip()
             texts = [prefix + str(tok.decode([first, *o], skip_special_tokens=True)) for o in outs]
             scored = score_texts(scorer, q, answer.question, texts, 1)
             arms.append(sum(s.misaligned for s in scored) / len(scored))
@@ -177,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "template_generator": {"generated": n_t, "divergent": t_div},
         "yield_answers": 100 * pts_div / n_p if n_p else None,
         "yield_template": 100 * t_div / n_t if n_t else None,
+        "pivots_found": pivots_found,
         "pivots_validated": len(deltas),
         "pivot_is_base_top": same_top,
     }

@@ -127,12 +127,13 @@ def exp(tmp_path: Path) -> Experiment:
     return parse_experiment(raw, base_dir=tmp_path)
 
 
-WORDS = ["", "You", "should", "rest", ",", "then", "skip", "the", "doctor", "and", "drink", "warm", "tea", "with", "honey"]
+ANSWER_WORDS = "You should rest , then skip the doctor and drink warm tea with honey"
+WORDS = ANSWER_WORDS.split()
 
 
 def _answer(exp: Experiment, variant: str = "adapted") -> PtsAnswer:
     q = load_questions(exp.generator.questions or "")[0]
-    pieces = [" " + w for w in WORDS if w]
+    pieces = [" " + w for w in WORDS]
     text = "".join(pieces)
     offsets = [len("".join(pieces[:k])) for k in range(len(pieces) + 1)]
     return PtsAnswer(
@@ -176,7 +177,7 @@ def _sample(store: FsStore, answer: PtsAnswer, k: int, p: float, n: int) -> None
 def test_generator_search_resumes_from_stored_rollouts(exp: Experiment, tmp_path: Path) -> None:
     """An interrupted search (a fresh process, same store) samples no prefix twice, and
     ends as an uninterrupted search does; its prompt ends right before the pivotal token."""
-    jump = WORDS.index("skip") - 1  # token index of " skip" among the non-empty words
+    jump = WORDS.index("skip")  # token index of " skip"
     prob, _ = scripted({jump: 0.9}, start=0.05)
     n = exp.generator.pts.rollouts
 
