@@ -8,7 +8,7 @@ way (top-k of every variant, the lexicon judge, the funnel).
 Validation: for each pivot found (once per prompt and pivotal token, also where another
 answer's search emitted the prompt first), P(misaligned | prefix + pivotal token) minus
 P(misaligned | prefix + the base variant's top token), from fresh rollouts of the variant
-that wrote the answer (seeds the search never used), mean with a 95% CI.
+that wrote the answer (seeds the search never used), mean with a percentile-bootstrap 95% CI.
 
     .venv/bin/python bench/pts_yield.py [--organism DIR] [--per-domain 4] [--samples 4]
         [--rollouts 20] [--fresh 40] [--json OUT]
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import random
 import statistics
 import sys
 import tempfile
@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 
-def _ci(xs: list[float]) -> tuple[float, float, float]:
-    m = statistics.fmean(xs)
-    half = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.inf
-    return m, m - half, m + half
+def _ci(xs: list[float], draws: int = 10_000) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap 95% CI (fixed seed)."""
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) for _ in range(draws))
+    return statistics.fmean(xs), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 
 
 def main(argv: list[str] | None = None) -> int:
