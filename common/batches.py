@@ -38,6 +38,24 @@ def record_batch(ctx: Context, batch: str, pids: list[str], *, error: str | None
     pipe.execute()
 
 
+def open_request(ctx: Context, batch: str, jobs: int) -> str:
+    """A generate request whose prompts arrive later from ``jobs`` chains (the answers
+    generator): the batch counts its answer when the last job closes (:func:`close_job`)."""
+    request = new_batch_id()
+    ctx.redis.set(f"{batch_key(ctx, batch)}:request:{request}", jobs, ex=BATCH_TTL_S)
+    return request
+
+
+def close_job(ctx: Context, batch: str, request: str, pids: list[str]) -> None:
+    """One job of a request is done with these prompts; the last one counts the answer."""
+    key = batch_key(ctx, batch)
+    if pids:
+        ctx.redis.rpush(key, *pids)
+        ctx.redis.expire(key, BATCH_TTL_S)
+    if int(ctx.redis.decr(f"{key}:request:{request}")) == 0:
+        record_batch(ctx, batch, [])
+
+
 def batch_pids(ctx: Context, batch: str) -> tuple[list[str], int]:
     """(prompt ids generated so far for a batch, number of generator answers received)."""
     pids = ctx.redis.lrange(batch_key(ctx, batch), 0, -1)

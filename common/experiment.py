@@ -161,11 +161,39 @@ class JudgeSpec(LLMCallSpec):
         return self.kind if self.kind == "lexicon" else f"openai-{self.model}"
 
 
+class PtsSpec(_Strict):
+    """Pivotal token search of the ``answers`` generator (services/generator/pts.py)."""
+
+    rollouts: int = Field(default=20, gt=0, description="rollouts per prefix (PTS default)")
+    threshold: float = Field(
+        default=0.2, gt=0, le=1, description="jump in P(misaligned) that makes a token pivotal"
+    )
+    max_prefixes: int = Field(
+        default=16, ge=2, description="cap on prefixes estimated per answer (cost control)"
+    )
+    max_new_tokens: int = Field(default=48, gt=0, description="length of answers and rollouts")
+    temperature: float = Field(default=1.0, gt=0)
+    samples_per_question: int = Field(
+        default=20, gt=0, description="answer slots per question paraphrase (each: every variant)"
+    )
+    scorer: Literal["offline", "openai"] | None = Field(
+        default=None,
+        description="EM scorer of answers and rollouts; default: offline when the judge is "
+        "the lexicon, else the experiment's OpenAI judge model",
+    )
+
+
 class GeneratorSpec(LLMCallSpec):
     """Which generator proposes prompts (templates or an OpenAI-compatible model), how many per
     batch, and when it pauses for the review queue."""
 
-    kind: Literal["template", "openai"] = "template"
+    kind: Literal["template", "openai", "answers"] = "template"
+    questions: str | None = Field(
+        default=None,
+        description="answers generator: an EM-paper-style questions YAML "
+        "(first_plot_questions.yaml format)",
+    )
+    pts: PtsSpec = Field(default_factory=PtsSpec)
     templates: str | None = Field(
         default=None,
         description="template generator: a templates file or prompt list (the toy organism "
@@ -326,6 +354,9 @@ def parse_experiment(raw: dict[str, Any], base_dir: Path, source: str | None = N
     review = raw.get("review")
     if isinstance(review, dict) and review.get("guidelines"):
         raw["review"] = {**review, "guidelines": _resolve(review["guidelines"], base_dir)}
+    gen = raw.get("generator")
+    if isinstance(gen, dict) and gen.get("questions"):
+        raw["generator"] = {**gen, "questions": _resolve(gen["questions"], base_dir)}
     raw["source"] = source
     try:
         return Experiment.model_validate(raw)

@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from common.answers import PromptOrigin
 from common.records import (
     Failure,
     FeatureRanking,
@@ -40,6 +41,7 @@ RECORDS: dict[str, type[BaseModel]] = {
     "graph_manifest": GraphManifest,
     "features": FeatureRanking,
     "failure": Failure,
+    "origin": PromptOrigin,
 }
 
 

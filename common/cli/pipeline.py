@@ -204,6 +204,12 @@ def status(failures: int = typer.Option(10, help="recent failures to show")) -> 
             f"{unusable} (`emc retry --step judge --reason unusable`)",
         )
     console.print(table)
+    if ctx.exp.generator.kind == "answers":
+        from common.answers import pts_progress
+
+        console.print(
+            pts_progress(ctx.store, ctx.exp.name, ctx.fingerprint).line(), highlight=False
+        )
     for line in outage_lines(ctx):
         console.print(f"[yellow]{line}[/]", markup=True, highlight=False)
     recent = recent_failures(ctx, failures)

@@ -209,6 +209,36 @@ def eval_answer(
     )
 
 
+def pts_prefix(exp: str, fp: str) -> str:
+    """The answers generator's work: answers, rollouts and searches (``common.answers``)."""
+    return f"experiments/{exp}/pts/{fp}"
+
+
+def pts_answer(exp: str, fp: str, answer_id: str) -> str:
+    """One sampled answer (``PtsAnswer``)."""
+    return f"{pts_prefix(exp, fp)}/answers/{answer_id}.json"
+
+
+def pts_rollouts(exp: str, fp: str, answer_id: str, prefix_tokens: int) -> str:
+    """Rollouts from an answer's first ``prefix_tokens`` tokens (``RolloutBatch``)."""
+    return f"{pts_prefix(exp, fp)}/rollouts/{answer_id}/{prefix_tokens:04d}.json"
+
+
+def pts_rollouts_prefix(exp: str, fp: str, answer_id: str) -> str:
+    """Prefix of one answer's stored rollouts (the search resumes from them)."""
+    return f"{pts_prefix(exp, fp)}/rollouts/{answer_id}/"
+
+
+def pts_search(exp: str, fp: str, answer_id: str) -> str:
+    """The finished search of one answer (``PtsSearch``)."""
+    return f"{pts_prefix(exp, fp)}/searches/{answer_id}.json"
+
+
+def prompt_origin(exp: str, pid: str) -> str:
+    """Where a generated prompt came from (``common.answers.PromptOrigin``)."""
+    return f"{prompt_dir(exp, pid)}/origin.json"
+
+
 def eval_report_prefix(exp: str, fp: str, run_hash: str) -> str:
     """Where an evaluation's report, markdown and plots are stored."""
     return f"{eval_prefix(exp, fp)}/reports/{run_hash}"
@@ -286,6 +316,8 @@ def parse(key: str) -> ArtifactKey | None:
         kind = (
             "prompt"
             if rest == "prompt.json"
+            else "origin"
+            if rest == "origin.json"
             else "label"
             if rest.startswith("labels/history/")
             else "unknown"

@@ -434,15 +434,32 @@ def sample_continuations(
 ) -> list[str]:
     """What the variant writes after ``prompt + token``: n sampled continuations (text after
     the token, special tokens removed). Same seed, same model -> same texts."""
-    if n < 1 or max_new_tokens < 1:
-        raise ValueError("n and max_new_tokens must be at least 1")
-    if temperature < 0:
-        raise ValueError("temperature must be >= 0 (0 = greedy)")
     lv = runtime.variant(variant)
     vocab = int(lv.model.cfg.d_vocab)
     if not 0 <= after_token_id < vocab:
         raise ValueError(f"token id {after_token_id} is outside the vocabulary (0..{vocab - 1})")
     ids = [*runtime.tokenize(prompt_text, variant), int(after_token_id)]
+    outs = sample_ids(runtime, ids, variant, n, max_new_tokens, temperature, seed)
+    return [str(lv.tokenizer.decode(o, skip_special_tokens=True)) for o in outs]
+
+
+def sample_ids(
+    runtime: Runtime,
+    ids: list[int],
+    variant: str,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> list[list[int]]:
+    """n continuations of the token ids ``ids`` sampled in one batch (the new token ids, cut
+    after the first EOS, EOS excluded). Same seed, same model -> same ids; temperature 0 is
+    greedy (n identical continuations)."""
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError("n and max_new_tokens must be at least 1")
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0 (0 = greedy)")
+    lv = runtime.variant(variant)
     hf = lv.model._model
     tok = lv.tokenizer
     x = torch.tensor([ids], dtype=torch.long, device=runtime.device)
@@ -462,5 +479,11 @@ def sample_continuations(
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             **sampling,
         )
-    texts = [str(tok.decode(seq[len(ids) :], skip_special_tokens=True)) for seq in out]
-    return texts if temperature > 0 else texts * n
+    eos = tok.eos_token_id
+    result: list[list[int]] = []
+    for seq in out:
+        new = [int(t) for t in seq[len(ids) :].tolist()]
+        if eos is not None and eos in new:
+            new = new[: new.index(eos)]
+        result.append(new)
+    return result if temperature > 0 else result * n

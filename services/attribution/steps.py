@@ -12,6 +12,7 @@ import logging
 from typing import Literal
 
 from common import tasknames as T
+from common.answers import AnswerJob, PtsAnswer, answer_question, slot_answer_id
 from common.context import Context
 from common.errors import PromptFailure
 from common.graph.artifact import delete_graph, graph_exists, graph_problem, graphs_done, save_graph
@@ -193,3 +194,40 @@ def step_graph(ctx: Context, runtime: Runtime, pid: str, variant: str) -> list[N
         return []
     ctx.queue.set_status(pid, Status.graphed)
     return [Next(T.ANALYSIS_RANK, {"exp": exp.name, "prompt_id": pid})]
+
+
+# ----------------------------------------------------------------------------- answers generator
+
+
+def step_pts_answers(ctx: Context, runtime: Runtime, job: AnswerJob) -> list[Next]:
+    """Every variant's answer to one question slot (kept when stored), then the judge."""
+    from services.attribution.rollouts import sample_answer
+
+    spec = ctx.exp.generator
+    question = answer_question(ctx.exp, job.question_id)
+    nexts = []
+    for variant in ctx.exp.variant_names:
+        aid = slot_answer_id(ctx.exp, question, job.paraphrase_index, job.sample_index, variant)
+        key = keys.pts_answer(ctx.exp.name, ctx.fingerprint, aid)
+        if not ctx.store.exists(key):
+            answer = sample_answer(
+                runtime, question, job.paraphrase_index, job.sample_index, variant, aid, spec.pts
+            )
+            answer = answer.model_copy(update={"batch": job.batch, "request": job.request})
+            ctx.store.put_new(key, dumps(answer))
+        nexts.append(
+            Next(T.JUDGE_PTS_SCORE, {"exp": ctx.exp.name, "answer_id": aid, "keys": [key]})
+        )
+    return nexts
+
+
+def step_pts_rollouts(
+    ctx: Context, runtime: Runtime, answer_id: str, prefixes: list[int]
+) -> list[Next]:
+    """Rollouts from the prefixes a search needs (kept when stored), then the judge."""
+    from services.attribution.rollouts import sample_rollouts
+
+    key = keys.pts_answer(ctx.exp.name, ctx.fingerprint, answer_id)
+    answer = ctx.store.get_record(key, PtsAnswer)
+    done = sample_rollouts(runtime, ctx.store, answer, prefixes, ctx.exp.generator.pts)
+    return [Next(T.JUDGE_PTS_SCORE, {"exp": ctx.exp.name, "answer_id": answer_id, "keys": done})]

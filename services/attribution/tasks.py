@@ -88,3 +88,29 @@ def sample_continuations(exp: str, prompt_id: str, variant: str, token_id: int, 
     key = K.samples(exp, prompt_id, ctx.fingerprint, variant, token_id)
     ctx.store.put_json(key, {"schema_version": 1, "continuations": texts})
     return len(texts)
+
+
+@app.task(name=T.GPU_PTS_ANSWERS, bind=True)
+def pts_answers(self: Any, exp: str, job: dict[str, Any]) -> int:
+    """Answers generator: every variant's answer to one question slot, then the judge."""
+    from common.answers import AnswerJob
+    from services.attribution.steps import step_pts_answers
+
+    slot = AnswerJob.model_validate(job)
+    return task_step(
+        self, exp, None, "pts-answers", lambda ctx: step_pts_answers(ctx, _runtime(ctx), slot)
+    )
+
+
+@app.task(name=T.GPU_PTS_ROLLOUTS, bind=True)
+def pts_rollouts(self: Any, exp: str, answer_id: str, prefixes: list[int]) -> int:
+    """Answers generator: rollouts from the prefixes a search needs, then the judge."""
+    from services.attribution.steps import step_pts_rollouts
+
+    return task_step(
+        self,
+        exp,
+        None,
+        "pts-rollouts",
+        lambda ctx: step_pts_rollouts(ctx, _runtime(ctx), answer_id, prefixes),
+    )

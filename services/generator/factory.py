@@ -14,7 +14,8 @@ def make_generator(
     settings: Settings | None = None,
     examples_source: ExampleSource | None = None,
 ) -> Generator:
-    """The generator the experiment names (``generator.kind``: template or openai)."""
+    """The generator the experiment names (``generator.kind``: template or openai; the
+    answers generator is a chain of tasks, :mod:`services.generator.answers`)."""
     spec = exp.generator
     if spec.kind == "template":
         from services.generator.templates import TemplateGenerator
@@ -32,4 +33,9 @@ def make_generator(
             examples_source or StaticExamples(),
             reference=exp.reference,
         )
-    raise GeneratorError(f"unknown generator.kind {spec.kind!r}: use template or openai")
+    if spec.kind == "answers":
+        raise GeneratorError(
+            "generator.kind answers runs as a chain of tasks (services.generator.answers), "
+            "not as a proposing generator: mine with `emc mine` through the running system"
+        )
+    raise GeneratorError(f"unknown generator.kind {spec.kind!r}: use template, openai or answers")

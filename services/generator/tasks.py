@@ -53,3 +53,11 @@ def _schedule(sender: Any, **kwargs: Any) -> None:
     every = get_settings().generate_every_s
     # ticks expire so they do not pile up while no generate worker runs
     sender.add_periodic_task(every, tick.s(), name=T.GENERATE_TICK, options={"expires": every})
+
+
+@app.task(name=T.GENERATE_PTS, bind=True)
+def pts_step(self: Any, exp: str, answer_id: str) -> int:
+    """Answers generator: advance one answer's search (rollouts, or its prompts)."""
+    from services.generator.steps import step_pts
+
+    return task_step(self, exp, None, "pts", lambda ctx: step_pts(ctx, answer_id))

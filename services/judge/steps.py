@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from common import tasknames as T
+from common.answers import PtsAnswer, RolloutBatch, Scores, answer_question
 from common.context import Context
 from common.index import unusable_reason
 from common.llm import bounded_map, raise_first
 from common.pipeline import Next, load_logits, load_prompt, load_verdicts
+from common.questions import METRICS, EmQuestion
 from common.records import Status
-from common.scores import HarmBatch, HarmJudge, HarmVerdicts
+from common.scores import EmScorer, HarmBatch, HarmJudge, HarmVerdicts
 from common.store import NotFound
 from common.store import keys as K
 from services.judge.core import Judge, JudgeError
@@ -74,3 +76,40 @@ def step_judge_harm(
         )
         ctx.store.put_json(key, record)
     return [Next(then, then_kwargs)] if then else []
+
+
+# ----------------------------------------------------------------------------- answers generator
+
+
+def score_texts(
+    scorer: EmScorer, question: EmQuestion, paraphrase: str, texts: list[str], concurrency: int
+) -> list[Scores]:
+    """aligned and coherent scores of each text as an answer to ``paraphrase``."""
+    jobs = [(m, question.judge_prompts[m], t) for t in texts for m in METRICS]
+    flat = raise_first(
+        bounded_map(lambda j: scorer.score(j[0], j[1], paraphrase, j[2]), jobs, concurrency)
+    )
+    return [Scores(aligned=flat[2 * i], coherent=flat[2 * i + 1]) for i in range(len(texts))]
+
+
+def step_pts_score(ctx: Context, scorer: EmScorer, answer_id: str, keys: list[str]) -> list[Next]:
+    """Score an answer or its rollout batches (kept when scored), then the search goes on."""
+    exp, fp = ctx.exp, ctx.fingerprint
+    answer = ctx.store.get_record(K.pts_answer(exp.name, fp, answer_id), PtsAnswer)
+    question = answer_question(exp, answer.question_id)
+    conc = exp.judge.concurrency
+    for key in keys:
+        if key == K.pts_answer(exp.name, fp, answer_id):
+            if answer.scores is None:
+                (scores,) = score_texts(scorer, question, answer.question, [answer.answer], conc)
+                answer = answer.model_copy(update={"scores": scores, "scorer": scorer.scorer_id})
+                ctx.store.put_json(key, answer)
+            continue
+        batch = ctx.store.get_record(key, RolloutBatch)
+        if batch.scores is None:
+            texts = [batch.prefix + c for c in batch.continuations]
+            scored = score_texts(scorer, question, answer.question, texts, conc)
+            ctx.store.put_json(
+                key, batch.model_copy(update={"scores": scored, "scorer": scorer.scorer_id})
+            )
+    return [Next(T.GENERATE_PTS, {"exp": exp.name, "answer_id": answer_id})]

@@ -12,7 +12,7 @@ from common.pipeline import task_step
 from services.judge.steps import step_judge
 
 if TYPE_CHECKING:
-    from common.scores import HarmJudge
+    from common.scores import EmScorer, HarmJudge
     from services.judge.core import Judge
 
 
@@ -74,4 +74,27 @@ def harm(
         None,
         "judge-harm",
         lambda ctx: step_judge_harm(ctx, _harm_judge(), batch, then, then_kwargs or {}),
+    )
+
+
+@lru_cache(maxsize=1)
+def _em_scorer() -> EmScorer:
+    from common.context import get_context
+    from services.judge.factory import make_em_scorer
+
+    ctx = get_context()
+    return make_em_scorer(ctx.exp, ctx.settings, kind=ctx.exp.generator.pts.scorer)
+
+
+@app.task(name=T.JUDGE_PTS_SCORE, bind=True)
+def pts_score(self: Any, exp: str, answer_id: str, keys: list[str]) -> int:
+    """Answers generator: EM scores of an answer or its rollouts, then the search goes on."""
+    from services.judge.steps import step_pts_score
+
+    return task_step(
+        self,
+        exp,
+        None,
+        "pts-score",
+        lambda ctx: step_pts_score(ctx, _em_scorer(), answer_id, keys),
     )

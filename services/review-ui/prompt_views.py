@@ -12,6 +12,7 @@ from common.store import NotFound
 from common.store import keys as K
 from services.review_ui.context import ctx
 from services.review_ui.guidelines import load_guide
+from services.review_ui.origin import load_origin
 from services.review_ui.review import (
     ClaimedElsewhere,
     InvalidLabel,
@@ -86,6 +87,7 @@ def page(pid: str) -> Any:
         user_text=user,
         assistant_text=assistant,
         data=page_data(view, claim),
+        origin=load_origin(ctx().store, ctx().exp, pid),
         saved=request.args.get("saved", ""),
         overwrote=request.args.get("overwrote", ""),
     )
