@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -145,3 +146,21 @@ def feature_page(
         effects=effects,
         steering=steering_runs(store, exp, fp, layer, feature),
     )
+
+
+def direction_cosines(
+    store: ObjectStore, exp: str, fp: str, nodes: Iterable[tuple[int, int]]
+) -> dict[tuple[int, int], float]:
+    """Cosine with the misalignment direction of each (layer, feature) whose effects are
+    stored (``emc features build``); others are left out."""
+    out = {}
+    for layer, feature in set(nodes):
+        if feature < 0:
+            continue
+        try:
+            eff = store.get_record(K.feature_effects(exp, fp, layer, feature), FeatureEffects)
+        except NotFound:
+            continue
+        if eff.direction_cosine is not None:
+            out[(layer, feature)] = eff.direction_cosine
+    return out

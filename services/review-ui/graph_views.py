@@ -31,6 +31,7 @@ from common.labels import resolve_labels
 from common.store import NotFound
 from common.store import keys as K
 from services.review_ui.context import ReviewContext, ctx
+from services.review_ui.features import ALIGNED_COSINE, direction_cosines
 from services.review_ui.review import PromptView, load_prompt, load_prompt_view
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,17 @@ def analysis(pid: str) -> Any:
     _checked(pid)
     c = ctx()
     view = load_prompt_view(c, pid)
+    shown = [
+        (f.layer, f.feature)
+        for v in view.variants
+        if v.features is not None
+        for f in v.features.features[:FEATURE_ROWS]
+    ]
     return render_template(
         "analysis.html",
         view=view,
+        cosines=direction_cosines(c.store, c.exp, c.fingerprint, shown),
+        aligned_cosine=ALIGNED_COSINE,
         diffs=diffs(view),
         labels_changed=labels_changed(c, view),
         rows=FEATURE_ROWS,

@@ -78,3 +78,26 @@ def test_feature_page_and_json(
     assert "+0.800" in client.get("/features/adapted/2/7").get_data(as_text=True)
     assert client.get("/features/adapted/2/8").status_code == 404
     assert client.get("/features/nope/2/7").status_code == 404
+
+
+def test_rankings_mark_features_aligned_with_the_direction(
+    auth: Any, client: Any, store: FsStore, experiment: Experiment, seeded: Any
+) -> None:
+    """The analysis page's ranking shows each feature's cosine with the misalignment
+    direction, tagged when aligned, and links the feature's page."""
+    from tests.review_ui.test_analysis_page import ranking
+
+    p = seeded["divergent"]
+    r = ranking(p.pid, experiment, "adapted", 0.1, 0.2)
+    store.put_json(K.features(experiment.name, p.pid, experiment.fingerprint, "adapted"), r)
+    top = r.features[0]
+    store.put_json(
+        K.feature_effects(experiment.name, experiment.fingerprint, top.layer, top.feature),
+        FeatureEffects(
+            layer=top.layer, feature=top.feature, boosted=[], suppressed=[], direction_cosine=-0.71
+        ),
+    )
+    auth.login()
+    html = client.get(f"/p/{p.pid}/analysis").get_data(as_text=True)
+    assert 'title="aligned with the misalignment direction">-0.71</span>' in html
+    assert f'href="/features/adapted/{top.layer}/{top.feature}"' in html
