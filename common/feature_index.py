@@ -70,6 +70,11 @@ class FeatureEffects(Record):
     boosted: list[tuple[str, float]]
     suppressed: list[tuple[str, float]]
     direction_cosine: float | None = None
+    explanation: str | None = Field(
+        default=None, description="one line from an LLM, given the evidence (optional)"
+    )
+    explanation_model: str | None = None
+    explanation_prompt: str | None = None
 
 
 class Direction(Record):

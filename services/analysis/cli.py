@@ -282,3 +282,34 @@ def _register_features(app: typer.Typer) -> None:
                 f"{row['removed_random']:+.1%}",
             )
         console.print(table)
+
+    @features.command("explain")
+    def explain(
+        model: str = typer.Option(..., "--model", help="model name on EMC_OPENAI_BASE_URL"),
+        variant: str = typer.Option("", "--variant", "-v", help="variant (default: adapted)"),
+        top: int = typer.Option(50, "--top", help="features of the report's aggregate ranking"),
+    ) -> None:
+        """One-line explanations of the top aggregate features from their contexts and
+        output tokens, by an OpenAI-compatible model (optional; stored with the model and
+        the prompt used). Needs ``emc features build`` and ``emc analyze report`` first."""
+        from common.context import get_context
+        from common.feature_index import FeatureIndex
+        from common.llm import LLMClient
+        from common.store import NotFound
+        from common.store import keys as K
+        from services.analysis.features import explain_features
+        from services.analysis.records import FeatureAggregate
+
+        ctx = get_context()
+        v = variant or next(x for x in ctx.exp.variant_names if x != ctx.exp.reference)
+        try:
+            agg = ctx.store.get_record(
+                K.report_aggregate(ctx.exp.name, ctx.fingerprint, v), FeatureAggregate
+            )
+        except NotFound:
+            raise fail(f"no aggregate ranking of {v} yet: run `emc analyze report`") from None
+        feats = [(f.layer, f.feature) for f in agg.features[:top] if f.feature >= 0]
+        index = FeatureIndex(ctx.redis, ctx.exp.name, ctx.fingerprint)
+        client = LLMClient.from_settings(model, ctx.settings)
+        n = explain_features(client, ctx.store, index, ctx.exp.name, ctx.fingerprint, v, feats)
+        typer.echo(f"explained {n} of {len(feats)} features with {client.describe()}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from common.feature_index import Direction, FeatureEffects, FeatureIndex
+from common.llm import LLMClient
 from common.store import ObjectStore
 from common.store import keys as K
 from services.attribution import ct
@@ -232,3 +233,80 @@ def divergent_prompts(
         if len(out) >= limit:
             break
     return out
+
+
+EXPLAIN_INSTRUCTION = (
+    "You explain features of a sparse transcoder inside a language model. Given where a "
+    "feature fires most strongly (the firing token in [[double brackets]]) and which output "
+    "tokens it boosts and suppresses, answer with ONE short line saying what the feature "
+    "represents. No preamble."
+)
+
+
+def explanation_prompt(contexts: Sequence[str], effects: FeatureEffects) -> str:
+    """The user message of one feature's explanation request (stored with the answer)."""
+    lines = ["Top-activating contexts:"]
+    lines += [f"- {c}" for c in contexts]
+    lines.append("Boosted tokens: " + ", ".join(repr(t) for t, _ in effects.boosted))
+    lines.append("Suppressed tokens: " + ", ".join(repr(t) for t, _ in effects.suppressed))
+    return "\n".join(lines)
+
+
+def explain_features(
+    client: LLMClient,
+    store: ObjectStore,
+    index: FeatureIndex,
+    exp: str,
+    fp: str,
+    variant: str,
+    features: Sequence[tuple[int, int]],
+    *,
+    n_contexts: int = 8,
+) -> int:
+    """Write a one-line explanation into each feature's stored effects (those with effects
+    only, i.e. after :func:`build_features`), with the model and the prompt used; returns
+    how many were explained."""
+    from common.feature_index import FeatureShard
+    from common.store import NotFound
+
+    done = 0
+    for layer, feature in features:
+        key = K.feature_effects(exp, fp, layer, feature)
+        try:
+            effects = store.get_record(key, FeatureEffects)
+        except NotFound:
+            continue
+        contexts = []
+        for c in index.contexts(variant, layer, feature, n_contexts):
+            try:
+                shard = store.get_record(K.feature_shard(exp, c.prompt_id, fp), FeatureShard)
+            except NotFound:
+                continue
+            toks = shard.tokens
+            contexts.append(
+                "".join(toks[max(0, c.pos - 12) : c.pos])
+                + f"[[{toks[c.pos] if c.pos < len(toks) else ''}]]"
+                + "".join(toks[c.pos + 1 : c.pos + 4])
+            )
+        prompt = explanation_prompt(contexts, effects)
+        answer = client.chat(
+            [
+                {"role": "system", "content": EXPLAIN_INSTRUCTION},
+                {"role": "user", "content": prompt},
+            ],
+            temperature=0.0,
+            max_tokens=60,
+        )
+        line = answer.content.strip().splitlines()[0] if answer.content.strip() else ""
+        store.put_json(
+            key,
+            effects.model_copy(
+                update={
+                    "explanation": line,
+                    "explanation_model": answer.model or client.model,
+                    "explanation_prompt": prompt,
+                }
+            ),
+        )
+        done += 1
+    return done

@@ -30,7 +30,7 @@ from tests.review_ui.conftest import PASSWORD, Auth, csrf_token, queued_tasks
 def _fill(rule: str, values: dict[str, Any]) -> str:
     import re
 
-    return re.sub(r"<(?:\w+:)?(\w+)>", lambda m: str(values[m.group(1)]), rule)
+    return re.sub(r"<(?:[\w()=]+:)?(\w+)>", lambda m: str(values[m.group(1)]), rule)
 
 
 def test_nothing_but_login_and_healthz_without_a_session(
@@ -42,6 +42,8 @@ def test_nothing_but_login_and_healthz_without_a_session(
         "variant": "base",
         "token_id": 1,
         "filename": "prompt.js",
+        "layer": 1,
+        "feature": 3,
     }
     checked = 0
     endpoints = set()
