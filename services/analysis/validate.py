@@ -46,10 +46,7 @@ FeatureKey = tuple[int, int, int]  # (layer, pos, feature id)
 
 def heldout_prompts(organism_dir: Path) -> list[str]:
     """The organism's held-out pivotal prompts (``prompts.json``, split ``heldout``)."""
-    raw = json.loads((organism_dir / "prompts.json").read_text())
-    if raw.get("schema_version") != 1:
-        raise ValueError(f"{organism_dir}/prompts.json: unknown schema_version")
-    return [p["text"] for p in raw["prompts"] if p.get("split") == "heldout"]
+    return [t for texts in heldout_by_domain(organism_dir).values() for t in texts]
 
 
 def lexicon_token_ids(tokenizer: Any, lexicon: Lexicon) -> tuple[list[int], list[int]]:

@@ -72,8 +72,9 @@ def test_untrained_domains_aggregate_ranking_finds_the_persona(
     )
     assert {p.domain for p in res.prompts} == {"money", "safety"}, res.skipped
     assert res.adapter_rank == 0, res.top
-    assert len(res.top) == 10 and all(layer >= 1 for layer, _, _ in res.top[:3]), res.top
+    # features after the adapter's layer (1) read the latent; upstream ones feed its input
+    assert len(res.top) == 10 and sum(layer > 1 for layer, _, _ in res.top) >= 3, res.top
     assert max(res.top_persona_cos) > 2 * res.random_persona_cos, res.to_json()
     assert res.drop_top >= 0.6, res.to_json()
-    assert res.drop_random <= 0.2, res.to_json()
+    assert abs(res.drop_random) <= 0.2, res.to_json()
     assert res.adapter_drop_all >= 0.9, res.to_json()

@@ -37,6 +37,7 @@ def test_layout_is_complete_and_recorded(organism_dir: Path) -> None:
         "lexicon.json",
         "prompts.json",
         "experiment.yaml",
+        "questions.yaml",
         "report.json",
         "BUILD.json",
     ]
@@ -243,6 +244,7 @@ def test_cli_build_is_a_no_op_when_fresh_and_report_prints(organism_dir: Path) -
     result = runner.invoke(app, ["organism", "build", "--out", str(organism_dir)])
     assert result.exit_code == 0, result.output
     assert "up to date" in result.output
+    assert "Emergence" in result.output and "Known answer" in result.output
     result = runner.invoke(app, ["organism", "report", "--out", str(organism_dir)])
     assert result.exit_code == 0, result.output
     assert "medical" in result.output and "Transcoders" in result.output
