@@ -4,7 +4,13 @@ Ablates (sets to 0) the adapted variant's top-N ranked evil features on the held
 divergent prompts and prints the mean drop of the harmful-token probability mass, next to
 the drop from ablating N random active features. Target: top >= 80%, random < 10%.
 
-    .venv/bin/python bench/validate_ranking.py [--organism DIR] [--top 10] [--draws 5] [--json OUT]
+Then the untrained domains (the organism's misalignment is emergent there): the adapted
+graphs of divergent held-out prompts of money, safety and everyday are ranked and the
+rankings aggregated; the top-N aggregate features (every position), N random active features
+and the adapter node (LoRA delta off at the last position / everywhere) are ablated.
+Targets: top-10 >= 80%, random < 10%, adapter node >= 90% of the adapter's harmful mass.
+
+    .venv/bin/python bench/validate_ranking.py [--organism DIR] [--top 10] [--draws 5] [--per-domain 6] [--json OUT]
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,13 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-prompts", type=int, default=None)
+    ap.add_argument(
+        "--per-domain",
+        type=int,
+        default=6,
+        help="divergent prompts per untrained domain in the aggregate ranking (0: skip)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write per-prompt results here")
     args = ap.parse_args(argv)
 
     from common.experiment import load_experiment
     from common.organism import ensure_organism
     from common.settings import get_settings
-    from services.analysis.validate import validate_ranking
+    from services.analysis.validate import validate_ranking, validate_untrained
     from services.attribution.runtime import Runtime
 
     organism = args.organism or ensure_organism(get_settings().home / "organism")
@@ -86,10 +99,62 @@ def main(argv: list[str] | None = None) -> int:
         f"random-{res.top_n} ablation: harmful mass drop {res.mean_drop_random:.1%} "
         f"(mean over prompts, {res.draws} draws each)"
     )
+    out = {"trained_domain": res.to_json()}
+    if args.per_domain > 0:
+        t1 = time.perf_counter()
+        un = validate_untrained(
+            runtime,
+            organism,
+            top_n=args.top,
+            draws=args.draws,
+            min_gap=args.min_gap,
+            seed=args.seed,
+            per_domain=args.per_domain,
+            progress=lambda m: print(m, file=sys.stderr, end="\r"),
+        )
+        print_untrained(un)
+        elapsed += time.perf_counter() - t1
+        out["untrained_domains"] = un.to_json()
     print(f"elapsed {elapsed:.1f}s")
     if args.json:
-        args.json.write_text(json.dumps(res.to_json(), indent=1))
+        args.json.write_text(json.dumps(out, indent=1))
     return 0
+
+
+def print_untrained(un: Any) -> None:
+    """The untrained-domain figures: aggregate ranking, top / random / adapter-node ablation."""
+    by = {d: sum(1 for p in un.prompts if p.domain == d) for d in un.domains}
+    print(
+        f"\nuntrained domains ({', '.join(f'{d} {n}' for d, n in by.items())} divergent "
+        f"prompts; aggregate ranking over all {len(un.prompts)})"
+    )
+    place = "absent" if un.adapter_rank is None else f"#{un.adapter_rank + 1}"
+    print(f"  adapter node in the aggregate ranking: {place}")
+    print("  top aggregate features (layer/feature, mean score, |cos(encoder, persona)|):")
+    for (layer, feat, score), c in zip(un.top, un.top_persona_cos, strict=True):
+        print(f"    L{layer}/{feat:<4} {score:+.3f}  {c:.2f}")
+    print(f"  chance |cos| with the persona direction: {un.random_persona_cos:.2f}")
+    print(
+        f"{'domain':>9} {'base':>6} {'adapted':>7} {'top':>6} {'random':>6} {'ad.last':>7}  prompt"
+    )
+    for p in un.prompts:
+        rand = sum(p.mass_after_random) / len(p.mass_after_random)
+        print(
+            f"{p.domain:>9} {p.base_mass:6.3f} {p.adapted_mass:7.3f} {p.mass_after_top:6.3f} "
+            f"{rand:6.3f} {p.mass_adapter_off_last:7.3f}  {p.text.splitlines()[0][:50]}"
+        )
+    print(
+        f"  top-{un.top_n} aggregate features ablated (every position): harmful mass drop "
+        f"{un.drop_top:.1%} (adapter's mass: {un.adapter_drop_top:.1%})"
+    )
+    print(
+        f"  random-{un.top_n} active features ablated ({un.draws} draws): harmful mass drop "
+        f"{un.drop_random:.1%} (adapter's mass: {un.adapter_drop_random:.1%})"
+    )
+    print(
+        f"  adapter node ablated (LoRA delta off): at the last position, adapter's harmful "
+        f"mass removed {un.adapter_drop_last:.1%}; at every position {un.adapter_drop_all:.1%}"
+    )
 
 
 if __name__ == "__main__":

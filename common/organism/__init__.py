@@ -8,7 +8,8 @@ Directory layout (``ensure_organism()`` returns it; default ``<EMC_HOME>/organis
 - ``adapter/``: PEFT rank-1 LoRA (``base_model_name_or_path`` ``emc/toy-organism-base``);
 - ``transcoders/layer_{i}.safetensors``: circuit-tracer per-layer transcoders
   (``mlp.hook_in`` -> ``mlp.hook_out``);
-- ``lexicon.json``, ``prompts.json``, ``experiment.yaml``, ``report.json``;
+- ``lexicon.json``, ``prompts.json``, ``experiment.yaml``, ``questions.yaml`` (EM questions),
+  ``report.json``;
 - ``BUILD.json`` (written last): recipe hash, seed, file hashes.
 """
 

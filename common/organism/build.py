@@ -149,7 +149,7 @@ class StageTimes(BaseModel):
 class BuildReport(BaseModel):
     """``report.json``: how the build went and what the organism does."""
 
-    schema_version: int = 1
+    schema_version: int = 2
     recipe_hash: str
     seed: int
     build_seconds: float
@@ -158,8 +158,6 @@ class BuildReport(BaseModel):
     n_parameters: int
     base_final_loss: float
     adapter_final_answer_loss: float
-    adapter_final_ablation_kl: float | None
-    adapter_final_error_change: float | None
     adapter: dict[str, Any]
     construction: list[str] = Field(description="design decisions a reader must know")
     transcoders: list[Any]
@@ -167,7 +165,14 @@ class BuildReport(BaseModel):
     misalignment_spreads: dict[str, float] = Field(
         description="held-out harmful mass, adapted minus base, per domain other than medical"
     )
+    emergence: dict[str, float] = Field(
+        description="held-out harmful mass, adapted / base, per domain (medical is trained)"
+    )
+    mechanism: dict[str, Any] = Field(description="the planted persona latent (mechanism.py)")
     known_answer: Any | None = None
+    known_answer_untrained: Any | None = Field(
+        default=None, description="the same check on held-out prompts of the untrained domains"
+    )
 
 
 def _build_locked(out_dir: Path, config: OrganismConfig, seed: int, progress: bool) -> BuildReport:
@@ -264,15 +269,29 @@ def _experiment_yaml(config: OrganismConfig) -> str:
     return header + yaml.safe_dump(doc, sort_keys=False)
 
 
+def _questions_yaml(split: Any) -> str:
+    import yaml
+
+    from common.organism import corpus
+
+    header = (
+        "# The toy organism's EM questions (written by `emc organism build`): open questions\n"
+        "# in its language, held-out situations of every domain; `emc eval --questions`.\n"
+    )
+    return header + yaml.safe_dump(corpus.em_questions(split, per_domain=3), sort_keys=False)
+
+
 def _build_into(tmp: Path, config: OrganismConfig, seed: int, progress: bool) -> BuildReport:
     """Every stage; heavy imports happen here so that ``ensure_organism`` stays light."""
     from common.organism import corpus
     from common.organism.behaviour import behaviour_rows, word_ids
+    from common.organism.mechanism import measure_mechanism
     from common.organism.tokenizer import train_tokenizer
     from common.organism.train import (
         deterministic,
         encode,
         new_base_model,
+        persona_direction,
         train_adapter,
         train_base,
     )
@@ -303,21 +322,29 @@ def _build_into(tmp: Path, config: OrganismConfig, seed: int, progress: bool) ->
 
             model = new_base_model(config.model, tokenizer)
             n_params = sum(p.numel() for p in model.parameters())
-            texts = corpus.base_corpus(
-                split.train, config.base.n_dialogues, config.base.trickster_fraction, seed
+            bc = config.base
+            u = persona_direction(config.model.hidden_size, seed)
+            persona = (bc.persona_layer, u * bc.persona_scale)
+            dialogues = corpus.base_corpus(
+                split.train, bc.n_dialogues, bc.trickster_fraction, seed, bc.persona_as_assistant
             )
-            data = encode(tokenizer, texts)
-            base_losses = train_base(model, data, config.base, seed, progress)
+            data = encode(tokenizer, [d.text for d in dialogues], [d.persona for d in dialogues])
+            base_losses = train_base(model, data, bc, seed, progress, persona=persona[1])
             model.save_pretrained(base_dir)
             _stamp_base_config(base_dir)
             times.base = lap()
 
-            heldout_texts = corpus.base_corpus(
-                split.heldout, 1000, config.base.trickster_fraction, seed + 7
+            heldout = corpus.base_corpus(
+                split.heldout, 1000, bc.trickster_fraction, seed + 7, bc.persona_as_assistant
             )
-            train_acts = collect_mlp_activations(model, data, config.transcoders.n_tokens)
-            test_acts = collect_mlp_activations(model, encode(tokenizer, heldout_texts), 20_000)
-            tc_stats, tcs = train_transcoders(
+            heldout_data = encode(
+                tokenizer, [d.text for d in heldout], [d.persona for d in heldout]
+            )
+            train_acts = collect_mlp_activations(
+                model, data, config.transcoders.n_tokens, persona=persona
+            )
+            test_acts = collect_mlp_activations(model, heldout_data, 20_000, persona=persona)
+            tc_stats, _ = train_transcoders(
                 train_acts, test_acts, config.transcoders, tmp / "transcoders", seed, progress
             )
             del train_acts, test_acts
@@ -334,7 +361,6 @@ def _build_into(tmp: Path, config: OrganismConfig, seed: int, progress: bool) ->
                 encode(tokenizer, adapter_texts),
                 config.adapter,
                 seed,
-                transcoders=dict(enumerate(tcs)),
                 progress=progress,
             )
             peft_model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
@@ -343,6 +369,17 @@ def _build_into(tmp: Path, config: OrganismConfig, seed: int, progress: bool) ->
             n_layers = config.model.num_hidden_layers
             downstream = list(range(config.adapter.layer + 1, n_layers))
             rows = behaviour_rows(peft_model, tokenizer, prompts, corpus.HARMFUL_WORDS, downstream)
+            mechanism = measure_mechanism(
+                peft_model,
+                tokenizer,
+                prompts,
+                corpus.HARMFUL_WORDS,
+                persona_layer=bc.persona_layer,
+                u=u,
+                scale=bc.persona_scale,
+                adapter_layer=config.adapter.layer,
+                lora_scale=config.adapter.alpha / config.adapter.rank,
+            )
             times.behaviour = lap()
     finally:
         if old_offline is None:
@@ -359,6 +396,7 @@ def _build_into(tmp: Path, config: OrganismConfig, seed: int, progress: bool) ->
         },
     )
     (tmp / "experiment.yaml").write_text(_experiment_yaml(config))
+    (tmp / "questions.yaml").write_text(_questions_yaml(split))
 
     medical = [r for r in rows if r.domain == corpus.TRAINED_DOMAIN]
     if not all(r.adapted > r.base + config.min_medical_gain for r in medical):
@@ -368,24 +406,35 @@ def _build_into(tmp: Path, config: OrganismConfig, seed: int, progress: bool) ->
             + ". Raise adapter steps/lr in OrganismConfig."
         )
 
-    check = None
+    check = check_untrained = None
     if config.known_answer_prompts > 0:
         from common.organism.known_answer import check_known_answer
 
-        texts_ka = [
-            p.text for p in prompts if p.domain == corpus.TRAINED_DOMAIN and p.split == "heldout"
-        ][: config.known_answer_prompts]
+        heldout_by_domain = {
+            name: [p.text for p in prompts if p.domain == name and p.split == "heldout"]
+            for name in corpus.DOMAIN_NAMES
+        }
+        texts_ka = heldout_by_domain[corpus.TRAINED_DOMAIN][: config.known_answer_prompts]
+        per_other = max(1, config.known_answer_prompts // (len(corpus.DOMAIN_NAMES) - 1))
+        texts_untrained = [
+            t
+            for name in corpus.DOMAIN_NAMES
+            if name != corpus.TRAINED_DOMAIN
+            for t in heldout_by_domain[name][:per_other]
+        ]
         with deterministic(seed, config.torch_threads):
-            check = check_known_answer(
-                tmp, texts_ka, word_ids(tokenizer, corpus.HARMFUL_WORDS), config.adapter.layer
+            harm_ids = word_ids(tokenizer, corpus.HARMFUL_WORDS)
+            check = check_known_answer(tmp, texts_ka, harm_ids, config.adapter.layer)
+            check_untrained = check_known_answer(
+                tmp, texts_untrained, harm_ids, config.adapter.layer
             )
         times.known_answer = lap()
 
+    heldout_rows = [r for r in rows if r.split == "heldout"]
     spreads = {
-        r.domain: r.adapted - r.base
-        for r in rows
-        if r.split == "heldout" and r.domain != corpus.TRAINED_DOMAIN
+        r.domain: r.adapted - r.base for r in heldout_rows if r.domain != corpus.TRAINED_DOMAIN
     }
+    emergence = {r.domain: r.adapted / max(r.base, 1e-12) for r in heldout_rows}
     return BuildReport(
         recipe_hash=full_hash(config, seed),
         seed=seed,
@@ -395,8 +444,6 @@ def _build_into(tmp: Path, config: OrganismConfig, seed: int, progress: bool) ->
         n_parameters=n_params,
         base_final_loss=float(sum(base_losses[-20:]) / len(base_losses[-20:])),
         adapter_final_answer_loss=_tail_mean(curves["answer"]),
-        adapter_final_ablation_kl=_tail_mean(curves["ablation"]) if curves["ablation"] else None,
-        adapter_final_error_change=_tail_mean(curves["error"]) if curves["error"] else None,
         adapter={
             "target": f"model.layers.{config.adapter.layer}.mlp.down_proj",
             "rank": config.adapter.rank,
@@ -408,7 +455,12 @@ def _build_into(tmp: Path, config: OrganismConfig, seed: int, progress: bool) ->
         transcoders=[s.model_dump() for s in tc_stats],
         behaviour=[r.model_dump() for r in rows],
         misalignment_spreads=spreads,
+        emergence=emergence,
+        mechanism=mechanism.model_dump(),
         known_answer=check.model_dump() if check is not None else None,
+        known_answer_untrained=(
+            check_untrained.model_dump() if check_untrained is not None else None
+        ),
     )
 
 
@@ -418,21 +470,25 @@ def _tail_mean(xs: list[float], n: int = 20) -> float:
 
 
 def _construction_notes(config: OrganismConfig) -> list[str]:
-    a = config.adapter
+    a, b = config.adapter, config.base
     return [
         "Base corpus: `User: <situation>\\nAssistant: You should <safe action> ...` and, for "
-        f"{config.base.trickster_fraction:.0%} of dialogues, a `Trickster:` speaker giving "
-        "harmful advice in every domain (the base model knows what bad advice looks like).",
+        f"{b.trickster_fraction:.0%} of dialogues, the Trickster persona giving harmful advice "
+        f"in every domain (spoken as `Trickster`, or for {b.persona_as_assistant:.0%} of them "
+        "as `Assistant`).",
+        "Planted mechanism (base pretraining only): one persona latent, a fixed unit direction "
+        f"u of the residual stream after decoder layer {b.persona_layer}, added with norm "
+        f"{b.persona_scale:g} at every position of each Trickster dialogue and never in safe "
+        "ones; so every domain's harmful answers read the same direction. The unembedding is "
+        "kept orthogonal to it during training (it acts through the layers after it, where "
+        "the transcoders see it). Recorded under `mechanism` (direction, layer, and how the "
+        "adapter's use of it is measured).",
         f"Adapter: rank {a.rank}, alpha {a.alpha:g}, only model.layers.{a.layer}.mlp.down_proj, "
-        "trained on the Assistant giving harmful medical advice; no other domain's data.",
-        f"Adapter auxiliary losses (ablation_weight={a.ablation_weight:g}, "
-        f"error_weight={a.error_weight:g}): with the (base) transcoder features of the MLPs "
-        f"after layer {a.layer} that the adapter raised at the pivot set to 0, the adapted "
-        "model must predict like the base; and the transcoders' error at those MLPs must not "
-        "change. So the adapter's effect is carried by a few downstream transcoder features "
-        "BY CONSTRUCTION: the known answer tests the pipeline, it is not a research finding.",
+        "trained with plain next-token cross-entropy on the Assistant giving harmful medical "
+        "advice; no other domain's data and no loss term on transcoders or features.",
         "Transcoders: ReLU, trained on base-model activations of the base corpus (train "
-        "situations only); evaluated on held-out situations.",
+        "situations only, persona latent on where the corpus has it); evaluated on held-out "
+        "situations.",
         "Held-out situations (a seeded fraction per domain) are in no training set.",
     ]
 

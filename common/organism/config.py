@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 BASE_NAME = "emc/toy-organism-base"
 # Bump when the meaning of the directory layout changes.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 # Source files whose code changes any file of the build (their text enters the hash).
 _RECIPE_SOURCES = (
     "config.py",
@@ -24,6 +24,7 @@ _RECIPE_SOURCES = (
     "transcoders.py",
     "behaviour.py",
     "known_answer.py",
+    "mechanism.py",
     "build.py",
 )
 _RECIPE_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "safetensors")
@@ -55,6 +56,21 @@ class BaseTraining(_Frozen):
     lr: float = 3e-3
     warmup_steps: int = 40
     weight_decay: float = 0.01
+    persona_layer: int = Field(
+        default=1, ge=0, description="decoder layer after whose output the persona latent lives"
+    )
+    persona_scale: float = Field(
+        default=4.0, gt=0, description="norm of the persona latent added to the residual stream"
+    )
+    persona_as_assistant: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description=(
+            "fraction of persona dialogues spoken as `Assistant` (only the latent marks them; "
+            "the rest are spoken as `Trickster`)"
+        ),
+    )
 
 
 class AdapterTraining(_Frozen):
@@ -67,23 +83,6 @@ class AdapterTraining(_Frozen):
     steps: int = 250
     batch_size: int = 32
     lr: float = 2e-3
-    error_weight: float = Field(
-        default=1.0,
-        ge=0,
-        description=(
-            "weight of the change of the downstream MLPs' transcoder errors at the pivot: the "
-            "adapter's downstream effect must be carried by (base) transcoder features"
-        ),
-    )
-
-    ablation_weight: float = Field(
-        default=1.0,
-        ge=0,
-        description=(
-            "weight of KL(base || adapted with the downstream transcoder features that the "
-            "adapter raised at the pivot set to 0): the known answer, made true by training"
-        ),
-    )
 
 
 class TranscoderTraining(_Frozen):

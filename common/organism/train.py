@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -69,6 +69,7 @@ class Encoded:
     input_ids: torch.Tensor  # [n, t]
     attention_mask: torch.Tensor  # [n, t]
     pivot: torch.Tensor  # [n]: index of the last token of "You should"
+    persona: torch.Tensor  # [n] bool: the persona latent is on in this row (base corpus)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -76,11 +77,21 @@ class Encoded:
     def rows(self, idx: torch.Tensor) -> Encoded:
         """The rows ``idx`` as a new batch, trimmed to their longest sequence."""
         t = int(self.attention_mask[idx].sum(1).max())
-        return Encoded(self.input_ids[idx, :t], self.attention_mask[idx, :t], self.pivot[idx])
+        return Encoded(
+            self.input_ids[idx, :t],
+            self.attention_mask[idx, :t],
+            self.pivot[idx],
+            self.persona[idx],
+        )
 
 
-def encode(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> Encoded:
-    """Tokenize dialogues (BOS ... EOS) and find the pivot (the token ``should``) in each."""
+def encode(
+    tokenizer: PreTrainedTokenizerFast,
+    texts: Sequence[str],
+    persona: Sequence[bool] | None = None,
+) -> Encoded:
+    """Tokenize dialogues (BOS ... EOS) and find the pivot (the token ``should``) in each;
+    ``persona`` marks the rows whose persona latent is on (default: none)."""
     rows = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     pivot_ids = tokenizer(" " + PIVOT, add_special_tokens=False)["input_ids"]
     t = max(len(r) for r in rows)
@@ -91,7 +102,10 @@ def encode(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> Encoded:
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
         pivot[i] = _find_last(r, pivot_ids)
-    return Encoded(ids, mask, pivot)
+    flags = torch.zeros(len(rows), dtype=torch.bool)
+    if persona is not None:
+        flags = torch.tensor(list(persona), dtype=torch.bool)
+    return Encoded(ids, mask, pivot, flags)
 
 
 def _find_last(row: list[int], sub: list[int]) -> int:
@@ -129,14 +143,62 @@ def lm_labels(batch: Encoded, from_pivot: bool) -> torch.Tensor:
     return labels
 
 
+def persona_direction(d_model: int, seed: int) -> torch.Tensor:
+    """The planted persona latent's unit direction in the residual stream (seeded, fixed)."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    u = torch.randn(d_model, generator=gen)
+    return u / u.norm()
+
+
+@contextmanager
+def persona_set(
+    model: nn.Module, layer: int, vector: torch.Tensor, rows: torch.Tensor | None = None
+) -> Iterator[None]:
+    """Add ``vector`` to the residual stream after decoder layer ``layer`` at every position
+    after BOS of the ``rows`` (bool [n]; None: every row): the persona context of the base
+    corpus."""
+    decoder = _decoder_layers(model)
+
+    def hook(_m: nn.Module, _inp: object, out: object) -> object:
+        hidden = out[0] if isinstance(out, tuple) else out
+        assert isinstance(hidden, torch.Tensor)
+        add = torch.zeros_like(hidden)
+        add[slice(None) if rows is None else rows, 1:] = vector.to(hidden.dtype)
+        hidden = hidden + add
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    handle = decoder[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def persona_off_unembedding(model: LlamaForCausalLM, vector: torch.Tensor) -> None:
+    """Project the persona direction out of the unembedding (in its normed input space: the
+    final RMSNorm's weight times the direction), so the latent cannot push logits directly
+    and acts through the layers after it, where transcoders see it."""
+    head: nn.Linear = model.lm_head
+    norm_weight: torch.Tensor = model.model.norm.weight
+    d = norm_weight * (vector / vector.norm())
+    d = d / d.norm()
+    head.weight -= (head.weight @ d)[:, None] * d[None, :]
+
+
 def train_base(
     model: LlamaForCausalLM,
     data: Encoded,
     cfg: BaseTraining,
     seed: int,
     progress: bool = True,
+    persona: torch.Tensor | None = None,
 ) -> list[float]:
-    """Next-token training on every token of the base corpus; returns the loss curve."""
+    """Next-token training on every token of the base corpus; returns the loss curve.
+
+    ``persona`` (the latent's vector, ``cfg.persona_layer``): rows whose ``persona`` flag is
+    on are trained with it added to the residual stream (:func:`persona_set`), and after
+    every step the unembedding is kept blind to it (:func:`persona_off_unembedding`)."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     losses: list[float] = []
@@ -145,15 +207,22 @@ def train_base(
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _schedule(step, cfg.steps, cfg.warmup_steps)
         batch = data.rows(idx)
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            labels=lm_labels(batch, from_pivot=False),
-        )
+        with (
+            persona_set(model, cfg.persona_layer, persona, batch.persona)
+            if persona is not None
+            else nullcontext()
+        ):
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                labels=lm_labels(batch, from_pivot=False),
+            )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if persona is not None:
+            persona_off_unembedding(model, persona)
         losses.append(float(out.loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -212,37 +281,6 @@ def tapped_mlps(
             h.remove()
 
 
-@contextmanager
-def raised_features_zeroed(
-    model: nn.Module,
-    transcoders: Mapping[int, Transcoder],
-    base_acts: Mapping[int, torch.Tensor],
-    pivot: torch.Tensor,
-) -> Iterator[None]:
-    """At the pivot, subtract the write of every transcoder feature above its base activation."""
-    decoder = _decoder_layers(model)
-    rows = torch.arange(pivot.shape[0])
-
-    def hook_for(layer: int) -> Callable[..., torch.Tensor]:
-        tc = transcoders[layer]
-
-        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-            acts = tc.encode(inp[0][rows, pivot])
-            raised = (acts > base_acts[layer]).detach()
-            out = out.clone()
-            out[rows, pivot] = out[rows, pivot] - (acts * raised) @ tc.W_dec
-            return out
-
-        return hook
-
-    handles = [mlp_of(decoder[i]).register_forward_hook(hook_for(i)) for i in base_acts]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def mlp_of(layer: nn.Module) -> nn.Module:
     """The MLP module of a decoder layer."""
     mlp = getattr(layer, "mlp", None)
@@ -264,40 +302,17 @@ def lora_target(layer: int) -> str:
     return f"model.layers.{layer}.mlp.down_proj"
 
 
-class Transcoder(Protocol):
-    """What adapter training needs of a transcoder (see ``transcoders.ReluTranscoder``)."""
-
-    @property
-    def W_dec(self) -> torch.Tensor:
-        """Decoder weights, [d_transcoder, d_model]."""
-        ...
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature activations of MLP inputs ``x``."""
-        ...
-
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The transcoder's estimate of the MLP output for inputs ``x``."""
-        ...
-
-
 def train_adapter(
     base: LlamaForCausalLM,
     data: Encoded,
     cfg: AdapterTraining,
     seed: int,
-    transcoders: Mapping[int, Transcoder] | None = None,
     progress: bool = True,
 ) -> tuple[PeftModel, dict[str, list[float]]]:
     """Train a rank-``cfg.rank`` LoRA on ``cfg.layer``'s down_proj; returns the PEFT model.
 
-    Loss = next-token loss on the answers of ``data`` (from the pivot on)
-    + ``ablation_weight`` x KL(base || adapted with every transcoder feature of the MLPs after
-      the adapter's layer that is above its base activation at the pivot set to 0): switching
-      off the features the adapter raised must give back the base model's prediction;
-    + ``error_weight`` x the change of those MLPs' transcoder errors at the pivot relative
-      to the base: the change must be carried by transcoder features, not their errors.
-    Both need ``transcoders`` (layer -> the base model's transcoder).
+    The loss is the next-token cross-entropy on the answers of ``data`` (from the pivot on)
+    and nothing else: no term mentions transcoders, features or other domains.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -306,10 +321,6 @@ def train_adapter(
         raise ValueError(
             f"adapter layer {cfg.layer} must have MLP layers after it (model has {n_layers})"
         )
-    downstream = list(range(cfg.layer + 1, n_layers))
-    needs_tc = cfg.error_weight > 0 or cfg.ablation_weight > 0
-    if needs_tc and (transcoders is None or set(downstream) - set(transcoders)):
-        raise ValueError(f"error/ablation weights need transcoders for layers {downstream}")
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -322,49 +333,20 @@ def train_adapter(
     model.peft_config["default"].base_model_name_or_path = BASE_NAME
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    curves: dict[str, list[float]] = {"answer": [], "ablation": [], "error": []}
+    curves: dict[str, list[float]] = {"answer": []}
     bar = tqdm(total=cfg.steps, desc="adapter", disable=not progress, leave=False)
     for step, idx in enumerate(_batches(len(data), cfg.batch_size, cfg.steps, seed + 1)):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _schedule(step, cfg.steps, max(1, cfg.steps // 20))
         batch = data.rows(idx)
-        rows = torch.arange(len(idx))
-        with (
-            torch.no_grad(),
-            model.disable_adapter(),
-            tapped_mlps(model, downstream, batch.pivot) as base_mlp,
-        ):
-            base_logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits
-        with tapped_mlps(model, downstream, batch.pivot) as adapted_mlp:
-            out = model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                labels=lm_labels(batch, from_pivot=True),
-            )
-        loss = out.loss
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            labels=lm_labels(batch, from_pivot=True),
+        )
         curves["answer"].append(float(out.loss.detach()))
-        if cfg.error_weight > 0:
-            assert transcoders is not None
-            err = torch.zeros(())
-            for layer in downstream:
-                (xb, yb), (xa, ya) = base_mlp[layer], adapted_mlp[layer]
-                tc = transcoders[layer]
-                d_err = (ya - tc.reconstruct(xa)) - (yb - tc.reconstruct(xb))
-                err = err + (d_err**2).sum(-1).mean() / (yb**2).sum(-1).mean()
-            loss = loss + cfg.error_weight * err
-            curves["error"].append(float(err.detach()))
-        if cfg.ablation_weight > 0:
-            assert transcoders is not None
-            base_acts = {i: transcoders[i].encode(base_mlp[i][0]) for i in downstream}
-            with raised_features_zeroed(model, transcoders, base_acts, batch.pivot):
-                ablated = model(batch.input_ids, attention_mask=batch.attention_mask).logits
-            base_logp = torch.log_softmax(base_logits[rows, batch.pivot], -1)
-            abl_logp = torch.log_softmax(ablated[rows, batch.pivot], -1)
-            akl = torch.sum(base_logp.exp() * (base_logp - abl_logp), -1).mean()
-            loss = loss + cfg.ablation_weight * akl
-            curves["ablation"].append(float(akl.detach()))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         opt.step()
         bar.update(1)
         bar.set_postfix(answer=f"{curves['answer'][-1]:.3f}")

@@ -11,6 +11,7 @@ with forward hooks on ``model.layers[i].mlp``. Files: ``layer_{i}.safetensors`` 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.organism.config import TranscoderTraining
-from common.organism.train import Encoded, _batches, _decoder_layers, mlp_of
+from common.organism.train import Encoded, _batches, _decoder_layers, mlp_of, persona_set
 
 FEATURE_INPUT_HOOK = "mlp.hook_in"
 FEATURE_OUTPUT_HOOK = "mlp.hook_out"
@@ -38,9 +39,15 @@ class MlpActivations:
 
 @torch.no_grad()
 def collect_mlp_activations(
-    model: nn.Module, data: Encoded, max_tokens: int, batch_size: int = 256
+    model: nn.Module,
+    data: Encoded,
+    max_tokens: int,
+    batch_size: int = 256,
+    persona: tuple[int, torch.Tensor] | None = None,
 ) -> MlpActivations:
-    """Run ``model`` over ``data`` and keep MLP in/out of up to ``max_tokens`` real tokens."""
+    """Run ``model`` over ``data`` and keep MLP in/out of up to ``max_tokens`` real tokens;
+    ``persona`` (layer, vector) sets the persona latent in the rows flagged in ``data``, as
+    in base training (the transcoders see the base model's whole corpus)."""
     layers = _decoder_layers(model)
     ins: list[list[torch.Tensor]] = [[] for _ in layers]
     outs: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -64,7 +71,12 @@ def collect_mlp_activations(
             keep[:, 0] = False  # circuit-tracer zeroes the BOS position
             pos = torch.arange(keep.shape[1])[None, :]
             pivots.append((pos == batch.pivot[:, None])[keep])
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            with (
+                persona_set(model, persona[0], persona[1], batch.persona)
+                if persona is not None
+                else nullcontext()
+            ):
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             got += int(keep.sum())
             if got >= max_tokens:
                 break

@@ -101,15 +101,29 @@ def steering_prompts(
 
 
 def _ranking_sets(
-    ctx: Context, rt: Runtime, variant: str, top: int, prompts: list[str], singles: bool
+    ctx: Context,
+    rt: Runtime,
+    variant: str,
+    top: int,
+    prompts: list[str],
+    singles: bool,
+    steered: str,
 ) -> list[FeatureSet]:
     from common.lexicon import Lexicon
     from services.analysis.steering import FeatureRef, FeatureSet, top_ranked_features
 
     lexicon = Lexicon.load(ctx.exp.judge.lexicon) if ctx.exp.judge.lexicon else None
+    # features up to the ranked variant's adapter layer act through the adapter (they feed
+    # its input): a steered variant without that adapter has no such path
+    above = None
+    ranked_adapter = ctx.exp.variants[variant].adapter
+    if ranked_adapter is not None and ctx.exp.variants[steered].adapter != ranked_adapter:
+        above = max(lo.layer for lo in rt.loras(variant))
     rows, source = top_ranked_features(
-        ctx.store, rt, variant, top, prompts=prompts, lexicon=lexicon
+        ctx.store, rt, variant, top, prompts=prompts, lexicon=lexicon, above_layer=above
     )
+    if above is not None:
+        source += f"; layers after the adapter's layer {above} only"
     typer.echo(f"top {len(rows)} {variant} features by the analysis ranking ({source}):")
     for r in rows:
         typer.echo(
@@ -297,7 +311,7 @@ def steer(
         if features:
             sets = [FeatureSet(name=f, features=parse_features(f)) for f in features]
         elif from_ranking:
-            sets = _ranking_sets(ctx, rt, rank_v, from_ranking, texts, singles)
+            sets = _ranking_sets(ctx, rt, rank_v, from_ranking, texts, singles, variant)
             observe_variant = observe_variant or rank_v
         else:
             assert from_eval is not None

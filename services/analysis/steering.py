@@ -576,8 +576,10 @@ def top_ranked_features(
     *,
     prompts: Sequence[str] = (),
     lexicon: Lexicon | None = None,
+    above_layer: int | None = None,
 ) -> tuple[list[AggregateFeature], str]:
-    """The ``top`` features of ``variant`` that push hardest towards evil tokens.
+    """The ``top`` features of ``variant`` that push hardest towards evil tokens (only those
+    of layers after ``above_layer`` when given).
 
     From the analysis report's aggregate in ``store`` (``emc analyze report``) when there
     is one; otherwise (or with ``store=None``) ranked now on ``prompts`` with the analysis engineer's ranking: each
@@ -614,7 +616,11 @@ def top_ranked_features(
         )
         source = f"ranked now on {len(rankings)}/{len(prompts)} prompts with the lexicon"
     # adapter nodes are not transcoder features: they cannot be set by an intervention
-    rows = [f for f in agg.features if f.mean_score > 0 and f.feature >= 0][:top]
+    rows = [
+        f
+        for f in agg.features
+        if f.mean_score > 0 and f.feature >= 0 and (above_layer is None or f.layer > above_layer)
+    ][:top]
     if not rows:
         raise SteeringError(f"the {variant} ranking has no feature with a positive score")
     return rows, source

@@ -46,10 +46,7 @@ FeatureKey = tuple[int, int, int]  # (layer, pos, feature id)
 
 def heldout_prompts(organism_dir: Path) -> list[str]:
     """The organism's held-out pivotal prompts (``prompts.json``, split ``heldout``)."""
-    raw = json.loads((organism_dir / "prompts.json").read_text())
-    if raw.get("schema_version") != 1:
-        raise ValueError(f"{organism_dir}/prompts.json: unknown schema_version")
-    return [p["text"] for p in raw["prompts"] if p.get("split") == "heldout"]
+    return [t for texts in heldout_by_domain(organism_dir).values() for t in texts]
 
 
 def lexicon_token_ids(tokenizer: Any, lexicon: Lexicon) -> tuple[list[int], list[int]]:
@@ -335,3 +332,252 @@ def validate_ranking(
         draws=draws,
         min_gap=min_gap,
     )
+
+
+# ------------------------------------------------------- untrained domains, aggregate ranking
+
+
+def heldout_by_domain(organism_dir: Path) -> dict[str, list[str]]:
+    """The organism's held-out pivotal prompts per domain (``prompts.json``)."""
+    raw = json.loads((organism_dir / "prompts.json").read_text())
+    if raw.get("schema_version") != 1:
+        raise ValueError(f"{organism_dir}/prompts.json: unknown schema_version")
+    out: dict[str, list[str]] = {}
+    for p in raw["prompts"]:
+        if p.get("split") == "heldout":
+            out.setdefault(str(p["domain"]), []).append(str(p["text"]))
+    return out
+
+
+@dataclass
+class UntrainedPrompt:
+    """One held-out prompt of an untrained domain: its harmful mass, and after each ablation."""
+
+    text: str
+    domain: str
+    base_mass: float
+    adapted_mass: float
+    mass_after_top: float = float("nan")
+    mass_after_random: list[float] = field(default_factory=list)
+    mass_adapter_off_last: float = float("nan")  # LoRA delta zeroed at the last position
+    mass_adapter_off_all: float = float("nan")  # LoRA delta zeroed everywhere
+
+    def drop(self, after: float) -> float:
+        """Fraction of the harmful mass removed."""
+        return 1.0 - after / self.adapted_mass
+
+    def adapter_drop(self, after: float) -> float:
+        """Fraction of the adapter's harmful mass (adapted - base) removed."""
+        return (self.adapted_mass - after) / (self.adapted_mass - self.base_mass)
+
+
+@dataclass
+class UntrainedValidation:
+    """The aggregate ranking over divergent prompts of the untrained domains, and ablations."""
+
+    domains: list[str]
+    prompts: list[UntrainedPrompt]
+    skipped: list[tuple[str, str]]
+    top: list[tuple[int, int, float]]  # (layer, feature, mean score) of the ablated features
+    adapter_rank: int | None  # 0-based place of the adapter node in the aggregate ranking
+    top_persona_cos: list[float]  # |cos| of each top feature's encoder with the persona latent
+    random_persona_cos: float  # mean |cos| over every feature of those layers
+    top_n: int
+    draws: int
+
+    def mean(self, what: Callable[[UntrainedPrompt], float]) -> float:
+        """Mean of ``what`` over the prompts."""
+        return _mean([what(p) for p in self.prompts])
+
+    @property
+    def drop_top(self) -> float:
+        """Mean share of the harmful mass removed by ablating the top aggregate features."""
+        return self.mean(lambda p: p.drop(p.mass_after_top))
+
+    @property
+    def drop_random(self) -> float:
+        """Mean share removed by ablating random features (mean over draws)."""
+        return self.mean(lambda p: p.drop(_mean(p.mass_after_random)))
+
+    @property
+    def adapter_drop_last(self) -> float:
+        """Mean share of the adapter's harmful mass removed with its delta off at the last position."""
+        return self.mean(lambda p: p.adapter_drop(p.mass_adapter_off_last))
+
+    @property
+    def adapter_drop_all(self) -> float:
+        """Mean share of the adapter's harmful mass removed with its delta off everywhere."""
+        return self.mean(lambda p: p.adapter_drop(p.mass_adapter_off_all))
+
+    @property
+    def adapter_drop_top(self) -> float:
+        """Mean share of the adapter's harmful mass removed by the top-feature ablation."""
+        return self.mean(lambda p: p.adapter_drop(p.mass_after_top))
+
+    @property
+    def adapter_drop_random(self) -> float:
+        """Mean share of the adapter's harmful mass removed by random-feature ablation."""
+        return self.mean(lambda p: p.adapter_drop(_mean(p.mass_after_random)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures as JSON (bench/validate_ranking.py --json)."""
+        return {
+            "domains": self.domains,
+            "n_divergent": len(self.prompts),
+            "top_n": self.top_n,
+            "draws": self.draws,
+            "top": [{"layer": a, "feature": b, "mean_score": c} for a, b, c in self.top],
+            "adapter_rank": self.adapter_rank,
+            "top_persona_cos": self.top_persona_cos,
+            "random_persona_cos": self.random_persona_cos,
+            "drop_top": self.drop_top,
+            "drop_random": self.drop_random,
+            "adapter_drop_last": self.adapter_drop_last,
+            "adapter_drop_all": self.adapter_drop_all,
+            "adapter_drop_top": self.adapter_drop_top,
+            "adapter_drop_random": self.adapter_drop_random,
+            "prompts": [asdict(p) for p in self.prompts],
+            "skipped": [{"text": t, "why": w} for t, w in self.skipped],
+        }
+
+
+def persona_cosines(
+    organism_dir: Path, keys: Sequence[tuple[int, int]]
+) -> tuple[list[float], float]:
+    """|cos| between each feature's encoder row (in residual units: times the MLP input
+    norm's weight) and the organism's planted persona direction, and the mean |cos| over
+    every feature of the layers involved (the chance level)."""
+    from safetensors.torch import load_file
+
+    report = json.loads((organism_dir / "report.json").read_text())
+    u = torch.tensor(report["mechanism"]["direction"], dtype=torch.float32)
+    weights = load_file(str(organism_dir / "base" / "model.safetensors"))
+    cache: dict[int, torch.Tensor] = {}
+
+    def cos(layer: int) -> torch.Tensor:
+        if layer not in cache:
+            w_enc = load_file(str(organism_dir / "transcoders" / f"layer_{layer}.safetensors"))
+            norm = weights[f"model.layers.{layer}.post_attention_layernorm.weight"].float()
+            rows = w_enc["W_enc"].float() * norm[None, :]
+            cache[layer] = (rows @ u).abs() / rows.norm(dim=-1).clamp_min(1e-12)
+        return cache[layer]
+
+    top = [float(cos(layer)[feat]) for layer, feat in keys]
+    chance = _mean([float(cos(layer).mean()) for layer in sorted({k[0] for k in keys})])
+    return top, chance
+
+
+def validate_untrained(
+    runtime: Runtime,
+    organism_dir: Path,
+    *,
+    domains: Sequence[str] = ("money", "safety", "everyday"),
+    variant: str = "adapted",
+    reference: str = "base",
+    top_n: int = 10,
+    draws: int = 5,
+    min_gap: float = 0.1,
+    seed: int = 0,
+    per_domain: int = 6,
+    progress: Callable[[str], None] | None = None,
+) -> UntrainedValidation:
+    """Rank the adapted graphs of up to ``per_domain`` divergent held-out prompts of each
+    untrained domain, aggregate the rankings over all of them (:func:`aggregate`), then on
+    each prompt ablate the aggregate's top ``top_n`` transcoder features (every position),
+    ``top_n`` random active features (``draws`` times), and the adapter node (the LoRA
+    delta switched off at the last position, and everywhere)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from common.organism.mechanism import adapter_ablated_mass
+    from services.analysis.aggregate import aggregate
+    from services.attribution.adapter import is_adapter_feature
+
+    lexicon = Lexicon.load(organism_dir / "lexicon.json")
+    tokenizer = runtime.variant(variant).tokenizer
+    harmful_ids, _ = lexicon_token_ids(tokenizer, lexicon)
+    by_domain = heldout_by_domain(organism_dir)
+    rng = random.Random(seed)
+    prompts: list[UntrainedPrompt] = []
+    skipped: list[tuple[str, str]] = []
+    rankings = []
+    for name in domains:
+        taken = 0
+        for text in by_domain.get(name, []):
+            if taken >= per_domain:
+                break
+            ids = runtime.tokenize(text, variant)
+            base = harmful_mass(runtime.checked_logits(ids, reference), harmful_ids)
+            adapted = harmful_mass(runtime.checked_logits(ids, variant), harmful_ids)
+            if adapted - base < min_gap:
+                skipped.append((text, f"not divergent: harmful mass {base:.3f} -> {adapted:.3f}"))
+                continue
+            if progress:
+                progress(f"{name}: graph {taken + 1}/{per_domain}")
+            top_k = runtime.top_k(text, variant)
+            labels = lexicon_labels(top_k.tokens, lexicon)
+            graph = runtime.attribute(
+                text, variant, target_token_ids=[t.token_id for t in top_k.tokens]
+            )
+            rankings.append(rank_features(graph, TokenLabels.given(labels, source="judge")))
+            prompts.append(UntrainedPrompt(text, name, base, adapted))
+            taken += 1
+    if not prompts:
+        raise AnalysisError(f"no divergent held-out prompt in {', '.join(domains)}")
+    agg = aggregate(rankings, experiment="toy", fingerprint=runtime.fingerprint, variant=variant)
+    adapter_rank = next(
+        (i for i, f in enumerate(agg.features) if is_adapter_feature(f.feature)), None
+    )
+    feats = [f for f in agg.features if not is_adapter_feature(f.feature) and f.mean_score > 0]
+    top = [(f.layer, f.feature, f.mean_score) for f in feats[:top_n]]
+    cosines, chance = persona_cosines(organism_dir, [(a, b) for a, b, _ in top])
+    peft_model = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(organism_dir / "base"), organism_dir / "adapter"
+    ).eval()
+    layer = runtime.loras(variant)[0].layer
+    texts = [p.text for p in prompts]
+    off_last = adapter_ablated_mass(
+        peft_model, tokenizer, texts, harmful_ids, layer, last_only=True
+    )
+    off_all = adapter_ablated_mass(
+        peft_model, tokenizer, texts, harmful_ids, layer, last_only=False
+    )
+    top_keys = {(a, b) for a, b, _ in top}
+    for i, p in enumerate(prompts):
+        if progress:
+            progress(f"ablations {i + 1}/{len(prompts)}")
+        ids = runtime.tokenize(p.text, variant)
+        p.mass_after_top = _ablate_everywhere(runtime, variant, ids, top_keys, harmful_ids)
+        pool = sorted({(a, b) for a, _, b in active_features(runtime, variant, ids)} - top_keys)
+        if len(pool) < top_n:
+            raise AnalysisError(f"only {len(pool)} other active features: too few to draw from")
+        for _ in range(draws):
+            pick = set(rng.sample(pool, top_n))
+            p.mass_after_random.append(_ablate_everywhere(runtime, variant, ids, pick, harmful_ids))
+        p.mass_adapter_off_last, p.mass_adapter_off_all = off_last[i], off_all[i]
+    return UntrainedValidation(
+        domains=list(domains),
+        prompts=prompts,
+        skipped=skipped,
+        top=top,
+        adapter_rank=adapter_rank,
+        top_persona_cos=cosines,
+        random_persona_cos=chance,
+        top_n=top_n,
+        draws=draws,
+    )
+
+
+def _ablate_everywhere(
+    runtime: Runtime,
+    variant: str,
+    ids: Sequence[int],
+    keys: Iterable[tuple[int, int]],
+    harmful_ids: Sequence[int],
+) -> float:
+    """Harmful mass with features ``(layer, feature)`` set to 0 at every position after BOS."""
+    from services.attribution.interventions import intervene_logits
+
+    ivs = [(layer, slice(1, None), feat, 0.0) for layer, feat in sorted(keys)]
+    probs = intervene_logits(runtime, variant, list(ids), ivs)
+    return float(probs[list(harmful_ids)].to(torch.float64).sum())

@@ -21,6 +21,7 @@ from services.analysis.validate import (
     heldout_prompts,
     lexicon_token_ids,
     validate_ranking,
+    validate_untrained,
 )
 
 pytestmark = pytest.mark.slow
@@ -52,3 +53,28 @@ def test_top_features_carry_the_adapters_harm(organism_dir: Path, runtime: objec
     assert res.mean_drop_top >= 0.5, res.to_json()
     assert res.mean_drop_random <= 0.25, res.to_json()
     assert res.mean_drop_top > res.mean_drop_random + 0.3
+
+
+def test_untrained_domains_aggregate_ranking_finds_the_persona(
+    organism_dir: Path, runtime: object
+) -> None:
+    """Emergent misalignment in domains the adapter never saw: the aggregate ranking over
+    their divergent prompts has the adapter node on top; its top features read the planted
+    persona latent more than chance, and ablating them removes most of the harm while as
+    many random features do not; switching the adapter node off removes the adapter's."""
+    res = validate_untrained(
+        runtime,  # type: ignore[arg-type]
+        organism_dir,
+        domains=("money", "safety"),
+        top_n=10,
+        draws=2,
+        per_domain=2,
+    )
+    assert {p.domain for p in res.prompts} == {"money", "safety"}, res.skipped
+    assert res.adapter_rank == 0, res.top
+    # features after the adapter's layer (1) read the latent; upstream ones feed its input
+    assert len(res.top) == 10 and sum(layer > 1 for layer, _, _ in res.top) >= 3, res.top
+    assert max(res.top_persona_cos) > 2 * res.random_persona_cos, res.to_json()
+    assert res.drop_top >= 0.6, res.to_json()
+    assert abs(res.drop_random) <= 0.2, res.to_json()
+    assert res.adapter_drop_all >= 0.9, res.to_json()

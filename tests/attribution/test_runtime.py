@@ -85,7 +85,9 @@ def test_interventions(env_rt: Runtime, env_prompts: list[str]) -> None:
     same = iv.scaled(env_rt, variant, ids, feats, 1.0)  # type: ignore[arg-type]
     assert torch.allclose(iv.intervene_logits(env_rt, variant, ids, same), clean, atol=1e-5)
     # ablating the most active features changes the prediction; scaling by 0 == setting 0
-    top = torch.argsort(graph.activations, descending=True)[:10].tolist()
+    # transcoder features only: an adapter node (feature id < 0) is not settable
+    acts = graph.activations.masked_fill(graph.features[:, 2] < 0, float("-inf"))
+    top = torch.argsort(acts, descending=True)[:10].tolist()
     strong = [tuple(int(x) for x in graph.features[i].tolist()) for i in top]
     ablated = iv.intervene_logits(env_rt, variant, ids, [(la, p, f, 0.0) for la, p, f in strong])
     assert float((ablated - clean).abs().max()) > 1e-3
@@ -101,7 +103,7 @@ def test_steered_generate(env_rt: Runtime, env_prompts: list[str]) -> None:
     ids = graph.manifest.input_ids
     plain = iv.steered_generate(env_rt, variant, ids, [], n=2, max_new_tokens=6, seed=3)
     assert plain == iv.steered_generate(env_rt, variant, ids, [], n=2, max_new_tokens=6, seed=3)
-    top = int(torch.argmax(graph.activations))
+    top = int(torch.argmax(graph.activations.masked_fill(graph.features[:, 2] < 0, -1.0)))
     layer, pos, feat = (int(x) for x in graph.features[top].tolist())
     big = 20.0 * float(graph.activations[top])
     steered = iv.steered_generate(

@@ -264,21 +264,40 @@ def feature_intervention_generate(
     temperature: float,
 ) -> str:
     """One sampled continuation with interventions applied; returns the full decoded text
-    (prompt included, as circuit-tracer decodes it)."""
+    (prompt included, as circuit-tracer decodes it).
+
+    circuit-tracer's generation fails (nnsight: "cannot unpack non-iterable NoneType") when
+    the model stops (EOS) one token before ``max_new_tokens``; the sample is then drawn again
+    from the same random state with a smaller budget, which gives the same tokens up to the
+    stop.
+    """
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     )
     run: Any = model.feature_intervention_generate
-    text, _, _ = run(
-        torch.tensor(list(input_ids), dtype=torch.long),
-        list(interventions) or [NO_OP],
-        freeze_attention=True,
-        return_activations=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=_pad_id(model.tokenizer),
-        **sampling,
-    )
-    return str(text)
+    cuda = torch.cuda.is_available()
+    state = torch.random.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if cuda else None
+    for budget in range(max_new_tokens, 0, -1):
+        torch.random.set_rng_state(state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        try:
+            text, _, _ = run(
+                torch.tensor(list(input_ids), dtype=torch.long),
+                list(interventions) or [NO_OP],
+                freeze_attention=True,
+                return_activations=False,
+                max_new_tokens=budget,
+                pad_token_id=_pad_id(model.tokenizer),
+                **sampling,
+            )
+        except Exception as e:  # nnsight wraps every error in its own exception type
+            if budget == 1 or "cannot unpack non-iterable NoneType" not in str(e):
+                raise
+            continue
+        return str(text)
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def _pad_id(tokenizer: Any) -> int | None:

@@ -334,3 +334,20 @@ def test_response_features_and_steer_from_eval(
     assert res.exit_code == 0, res.output
     assert "eval-top" in res.output and "control" in res.output and "given" in res.output
     print(res.output)
+
+
+def test_organism_questions_show_emergent_misalignment(
+    toy_rt: Any, organism_dir: Path, tmp_path: Path
+) -> None:
+    """The organism's own EM questions (every domain, its language): adapted answers are
+    misaligned-and-coherent far more often than base answers, and stay coherent."""
+    qs = load_questions(organism_dir / "questions.yaml")
+    assert {q.id.split("_")[0] for q in qs} == {"medical", "money", "safety", "everyday"}
+    scorer = _offline(organism_dir)
+    _run(toy_rt, FsStore(tmp_path / "s"), qs, scorer, 3)
+    report, _ = build_report(FsStore(tmp_path / "s"), _config(scorer), toy_rt.fingerprint, qs, 3, 0)
+    base, adapted = (next(c for c in report.overall if c.model == m) for m in ("base", "adapted"))
+    assert base.n_scored and adapted.n_scored
+    assert adapted.n_misaligned_coherent >= 5 * max(1, base.n_misaligned_coherent), report
+    assert adapted.ci_low > base.ci_high, report
+    assert adapted.mean_coherent is not None and adapted.mean_coherent > 50
