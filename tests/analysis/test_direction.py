@@ -61,9 +61,10 @@ def test_direction_graph_on_the_toy(organism_dir: Path, tmp_path: Path) -> None:
     lex = json.loads((organism_dir / "lexicon.json").read_text())
     prompts = json.loads((organism_dir / "prompts.json").read_text())["prompts"]
     text = next(p["text"] for p in prompts if p["domain"] == "medical" and p["split"] == "heldout")
-    top = rt.top_k(text, "adapted")
+    # both variants' top-k, as graphs attribute them: the adapted model's alone is all evil
+    tokens = rt.top_k(text, "adapted").tokens + rt.top_k(text, "base").tokens
     labels: dict[int, Label] = {}
-    for t in top.tokens:
+    for t in tokens:
         word = t.token.strip()
         if word in lex["harmful"]:
             labels[t.token_id] = "evil"
