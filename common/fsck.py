@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from common.answers import PromptOrigin
+from common.feature_index import FeatureShard
 from common.records import (
     Failure,
     FeatureRanking,
@@ -42,6 +43,7 @@ RECORDS: dict[str, type[BaseModel]] = {
     "features": FeatureRanking,
     "failure": Failure,
     "origin": PromptOrigin,
+    "feature_shard": FeatureShard,
 }
 
 
