@@ -107,6 +107,7 @@ class Runtime:
         self.cache_dir = cache_dir or get_settings().cache_dir
         self.device = resolve_device(exp)
         self.dtype = resolve_dtype(exp, self.device)
+        self._decoded: dict[tuple[str, int], str] = {}
 
     # -- models ---------------------------------------------------------------------------
     def variant(self, name: str) -> LoadedVariant:
@@ -169,8 +170,14 @@ class Runtime:
         )
 
     def decode_token(self, variant: str, token_id: int) -> str:
-        """The token as reviewers read it (byte fragments as their bytes)."""
-        return token_text(self.variant(variant).tokenizer, token_id)
+        """The token as reviewers read it (byte fragments as their bytes); cached per token,
+        since every top-k record decodes its tokens and the vocabulary is fixed."""
+        key = (variant, token_id)
+        text = self._decoded.get(key)
+        if text is None:
+            text = token_text(self.variant(variant).tokenizer, token_id)
+            self._decoded[key] = text
+        return text
 
     # -- forward with health checks ---------------------------------------------------------
     def checked_logits(
