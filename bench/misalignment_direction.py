@@ -77,6 +77,17 @@ def main() -> None:
             f"{row['layer']:>5} {norm:12.3f} {row['removed_direction']:19.1%} "
             f"{row['removed_random']:18.1%}"
         )
+    # the organism plants a persona latent: does the direction find it?
+    mech = json.loads((org / "report.json").read_text()).get("mechanism") or {}
+    if mech.get("direction"):
+        import torch
+
+        u = torch.tensor(mech["direction"])
+        for layer, vec in enumerate(record.vectors):
+            v = torch.tensor(vec)
+            if float(v.norm()) > 0:
+                cos = float(v @ u / (v.norm() * u.norm()))
+                print(f"cos(direction at layer {layer}, planted persona latent) = {cos:+.3f}")
 
 
 if __name__ == "__main__":
