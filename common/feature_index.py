@@ -38,6 +38,10 @@ TOP_CONTEXTS = 32
 TOP_PROMPTS = 20
 """Prompts kept per feature by |score|."""
 
+ALIGNED_COSINE = 0.3
+"""|cosine| with the layer's misalignment direction from which a feature counts as aligned
+with it (random directions in d_model have |cos| ~ 1/sqrt(d_model))."""
+
 
 class VariantFeatures(Record):
     """Columns of one variant's feature nodes in one prompt's graph."""

@@ -28,10 +28,6 @@ from common.store import keys as K
 from services.attribution import ct
 from services.attribution.runtime import Runtime
 
-ALIGNED_COSINE = 0.3
-"""|cosine| with the layer's misalignment direction above which a feature counts as aligned
-with it (random directions in d_model have |cos| ~ 1/sqrt(d_model))."""
-
 
 def misalignment_direction(runtime: Runtime, texts: Sequence[str], variant: str) -> torch.Tensor:
     """``[n_layers, d_model]``: mean over ``texts`` of variant minus reference residual

@@ -6,13 +6,15 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from common.feature_index import FeatureEffects, FeatureIndex, FeatureShard, FeatureStats
+from common.feature_index import (
+    ALIGNED_COSINE,
+    FeatureEffects,
+    FeatureIndex,
+    FeatureShard,
+    FeatureStats,
+)
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
-
-ALIGNED_COSINE = 0.3
-"""|cosine| with the layer's misalignment direction from which a feature is marked aligned
-(the same threshold as ``services.analysis.features.ALIGNED_COSINE``)."""
 
 
 @dataclass

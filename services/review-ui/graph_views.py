@@ -27,11 +27,12 @@ from flask import Blueprint, abort, jsonify, render_template, request, send_file
 
 from common.diff import PromptDiff, prompt_diff
 from common.errors import AnalysisError
+from common.feature_index import ALIGNED_COSINE
 from common.labels import resolve_labels
 from common.store import NotFound
 from common.store import keys as K
 from services.review_ui.context import ReviewContext, ctx
-from services.review_ui.features import ALIGNED_COSINE, direction_cosines
+from services.review_ui.features import direction_cosines
 from services.review_ui.review import PromptView, load_prompt, load_prompt_view
 
 log = logging.getLogger(__name__)
