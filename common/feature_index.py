@@ -253,6 +253,17 @@ class FeatureIndex:
         return sorted(out)
 
 
+def context_window(
+    tokens: list[str], pos: int, before: int = 12, after: int = 3
+) -> tuple[str, str, str]:
+    """The text before a position, its token, and the text after (what a context shows)."""
+    return (
+        "".join(tokens[max(0, pos - before) : pos]),
+        tokens[pos] if pos < len(tokens) else "",
+        "".join(tokens[pos + 1 : pos + 1 + after]),
+    )
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 

@@ -262,7 +262,7 @@ def explain_features(
     """Write a one-line explanation into each feature's stored effects (those with effects
     only, i.e. after :func:`build_features`), with the model and the prompt used; returns
     how many were explained."""
-    from common.feature_index import FeatureShard
+    from common.feature_index import FeatureShard, context_window
     from common.store import NotFound
 
     done = 0
@@ -278,12 +278,8 @@ def explain_features(
                 shard = store.get_record(K.feature_shard(exp, c.prompt_id, fp), FeatureShard)
             except NotFound:
                 continue
-            toks = shard.tokens
-            contexts.append(
-                "".join(toks[max(0, c.pos - 12) : c.pos])
-                + f"[[{toks[c.pos] if c.pos < len(toks) else ''}]]"
-                + "".join(toks[c.pos + 1 : c.pos + 4])
-            )
+            before, token, after = context_window(shard.tokens, c.pos)
+            contexts.append(f"{before}[[{token}]]{after}")
         prompt = explanation_prompt(contexts, effects)
         answer = client.chat(
             [

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 from common import tasknames as T
 from common.context import Context
 from common.errors import ANALYSIS_STEP, NothingToExplain, PromptFailure
-from common.graph.artifact import graphs_done
+from common.graph.artifact import graphs_done, load_graph
+from common.graph.model import AttributionGraph
 from common.pipeline import Next
 from common.records import FeatureRanking, Prompt, Status
 from common.scores import HarmVerdicts
-from common.store import NotFound, StoreError
+from common.store import NotFound, ObjectStore, StoreError
 from common.store import keys as K
 from services.analysis.ranking import rank_prompt
 from services.analysis.steering import (
@@ -35,11 +36,19 @@ def step_rank(ctx: Context, pid: str) -> list[Next]:
     if not graphs_done(ctx.store, ctx.exp.name, pid, ctx.fingerprint, variants):
         log.info("prompt %s: graphs not all there yet; analysis waits for the last one", pid)
         return []
+    graphs: dict[str, AttributionGraph] = {}
+
+    def load(store: ObjectStore, exp: str, pid: str, fp: str, variant: str) -> AttributionGraph:
+        # read each graph once: the ranking and the feature index both need it
+        if variant not in graphs:
+            graphs[variant] = load_graph(store, exp, pid, fp, variant)
+        return graphs[variant]
+
     rankings = {}
     for variant in variants:
         try:
             rankings[variant] = rank_prompt(
-                ctx.store, ctx.exp, pid, variant, fingerprint=ctx.fingerprint
+                ctx.store, ctx.exp, pid, variant, fingerprint=ctx.fingerprint, load_graph=load
             )
         except NothingToExplain as e:
             # e.g. the reference variant has no evil token: a finding, not a failure
@@ -47,20 +56,28 @@ def step_rank(ctx: Context, pid: str) -> list[Next]:
         except StoreError as e:  # a corrupt artifact: its message names it and the retry
             raise PromptFailure(ANALYSIS_STEP, str(e), variant=variant) from None
     try:
-        index_features(ctx, pid, rankings)
+        index_features(
+            ctx,
+            pid,
+            rankings,
+            {v: load(ctx.store, ctx.exp.name, pid, ctx.fingerprint, v) for v in variants},
+        )
     except StoreError as e:
         raise PromptFailure(ANALYSIS_STEP, str(e)) from None
     ctx.queue.set_status(pid, Status.analyzed)
     return []
 
 
-def index_features(ctx: Context, pid: str, rankings: dict[str, FeatureRanking]) -> None:
+def index_features(
+    ctx: Context,
+    pid: str,
+    rankings: dict[str, FeatureRanking],
+    graphs: dict[str, AttributionGraph],
+) -> None:
     """Put the prompt's features into the feature index (:mod:`common.feature_index`)."""
     from common.feature_index import FeatureIndex, index_prompt, shard_of
-    from common.graph.artifact import load_graph
 
     exp, fp = ctx.exp.name, ctx.fingerprint
-    graphs = {v: load_graph(ctx.store, exp, pid, fp, v) for v in ctx.exp.variant_names}
     prompt = ctx.store.get_record(K.prompt(exp, pid), Prompt)
     shard = shard_of(pid, prompt.text, prompt.source, graphs, rankings)
     index_prompt(ctx.store, FeatureIndex(ctx.redis, exp, fp), exp, fp, shard)

@@ -12,6 +12,7 @@ from common.feature_index import (
     FeatureIndex,
     FeatureShard,
     FeatureStats,
+    context_window,
 )
 from common.store import NotFound, ObjectStore
 from common.store import keys as K
@@ -63,14 +64,6 @@ class FeaturePage:
             "aligned_with_misalignment_direction": self.aligned,
             "steering": self.steering,
         }
-
-
-def _window(tokens: list[str], pos: int, before: int = 12, after: int = 3) -> tuple[str, str, str]:
-    return (
-        "".join(tokens[max(0, pos - before) : pos]),
-        tokens[pos] if pos < len(tokens) else "",
-        "".join(tokens[pos + 1 : pos + 1 + after]),
-    )
 
 
 def steering_runs(
@@ -128,7 +121,7 @@ def feature_page(
             shard = store.get_record(K.feature_shard(exp, ctx.prompt_id, fp), FeatureShard)
         except NotFound:
             continue
-        before, token, after = _window(shard.tokens, ctx.pos)
+        before, token, after = context_window(shard.tokens, ctx.pos)
         rows.append(
             ContextRow(ctx.prompt_id, shard.source, ctx.pos, ctx.activation, before, token, after)
         )
