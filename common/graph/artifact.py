@@ -8,10 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from safetensors.numpy import save as st_save
 from safetensors.torch import load as st_load
@@ -21,12 +20,11 @@ from common.experiment import Experiment
 from common.graph import influence as _influence_mod
 from common.graph.influence import (
     LogitInfluence,
+    SparseRows,
     layer_order,
     logit_influence,
-    normalized_feature_rows,
     scaled_rows_product,
     solve_rows,
-    solve_total,
 )
 from common.graph.model import AttributionGraph
 from common.records import GraphManifest
@@ -68,56 +66,102 @@ def _influence(graph: AttributionGraph) -> LogitInfluence:
         ) from e
 
 
-def edge_scores(influence: LogitInfluence, graph: AttributionGraph) -> torch.Tensor:
-    """``[F, S]`` float32: how much influence on any logit each edge into a feature carries,
-    ``|A[t, s]| * sum_k |G[k, t]| / |a_t|`` (``influence`` from :func:`_influence`)."""
-    f = graph.n_features
-    act = graph.activations.to(torch.float64).abs()
-    weight = influence.total[:, :f].abs().sum(dim=0)
-    per_row = torch.where(act > 0, weight / torch.where(act > 0, act, 1.0), 0.0)
-    rows = graph.adjacency[:f, : graph.token_slice.stop]
-    return rows.abs().mul_(per_row.to(torch.float32)[:, None])
+#: scores handled at a time: small temporaries, reused by the allocator (a fresh large
+#: allocation costs a page fault per page, which dominated whole-matrix temporaries)
+_CHUNK = 1 << 20
+
+#: low bits of a positive float32's bit pattern dropped to name its bucket (2^15 buckets,
+#: each a 1/128 slice of an octave)
+_BUCKET_SHIFT = 16
+
+
+@dataclass(frozen=True)
+class EdgeScores:
+    """How much influence on any logit each edge into a feature carries,
+    ``|A[t, s]| * sum_k |G[k, t]| / |a_t|``, computed a block of rows at a time: the ``[F, S]``
+    matrix of scores is never held."""
+
+    rows: torch.Tensor  # [F, S] float32: the graph's edges into features
+    per_row: torch.Tensor  # [F] float32: sum_k |G[k, t]| / |a_t|
+
+    @classmethod
+    def of(cls, influence: LogitInfluence, graph: AttributionGraph) -> EdgeScores:
+        """The scores of ``graph``'s feature edges (``influence`` from :func:`_influence`)."""
+        f = graph.n_features
+        act = graph.activations.to(torch.float64).abs()
+        weight = influence.total[:, :f].abs().sum(dim=0)
+        per_row = torch.where(act > 0, weight / torch.where(act > 0, act, 1.0), 0.0)
+        rows = graph.adjacency[:f, : graph.token_slice.stop]
+        return cls(rows, per_row.to(torch.float32))
+
+    def blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(r0, r1, scores of rows r0:r1)`` for consecutive blocks of about ``_CHUNK``."""
+        f, s = self.rows.shape
+        step = max(1, _CHUNK // max(s, 1))
+        for r0 in range(0, f, step):
+            r1 = min(r0 + step, f)
+            yield r0, r1, self.rows[r0:r1].abs().mul_(self.per_row[r0:r1, None])
 
 
 @dataclass(frozen=True)
 class Pruning:
-    """Which edges are kept, and the share of the total score they carry."""
+    """The smallest score kept (every score at or above it is kept; > 0, so zeros never are),
+    and the share of the total score the kept ones carry."""
 
-    mask: torch.Tensor  # bool, the shape of the scores
+    threshold: float
     kept_mass: float
 
-
-#: rows of feature edges handled at a time when the kept ones are gathered
-_PRUNE_ROWS = 2048
-
-
-#: values summed per block while looking for the pruning threshold
-_PRUNE_BLOCK = 1 << 14
+    def keeps(self, scores: torch.Tensor) -> torch.Tensor:
+        """Which of ``scores`` are kept (bool, their shape)."""
+        return scores >= self.threshold
 
 
-def prune(scores: torch.Tensor, keep: float) -> Pruning:
+def _score_chunks(scores: torch.Tensor | EdgeScores) -> Iterator[torch.Tensor]:
+    if isinstance(scores, EdgeScores):
+        for _, _, block in scores.blocks():
+            yield block.flatten()
+        return
+    flat = scores.detach().cpu().flatten()
+    for c0 in range(0, flat.numel(), _CHUNK):
+        yield flat[c0 : c0 + _CHUNK]
+
+
+def _bucketed(scores: torch.Tensor | EdgeScores) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each chunk of the scores (float32, negatives as 0) with its bucket keys."""
+    for chunk in _score_chunks(scores):
+        v = chunk.to(torch.float32).clamp_min(0.0)
+        yield v, v.view(torch.int32) >> _BUCKET_SHIFT  # zeros (and subnormals) in bucket 0
+
+
+def prune(scores: torch.Tensor | EdgeScores, keep: float) -> Pruning:
     """Keep the largest scores until ``keep`` of their total mass is covered (every score
     equal to the smallest one kept is kept too; zeros never are).
 
-    The positive scores are sorted ascending (numpy sorts many times faster than torch, and
-    float32 scores are half the bytes); the dropped tail, at most ``1 - keep`` of the mass,
-    is found from block sums, so no running sum of every value is written."""
-    flat = scores.detach().cpu().flatten().numpy()
-    ordered = np.sort(flat[flat > 0])
-    n = ordered.size
-    if n == 0:
-        return Pruning(torch.zeros_like(scores, dtype=torch.bool), 1.0)
-    total = float(ordered.sum(dtype=np.float64))
+    No sort of every score: a non-negative float32's bit pattern orders like its value, so
+    its high bits name a bucket; the mass per bucket (float64) finds the bucket where the
+    dropped tail (at most ``1 - keep`` of the mass) ends, and only that bucket's values are
+    sorted. Two passes over the scores, a chunk at a time."""
+    mass = torch.zeros(1 << (31 - _BUCKET_SHIFT), dtype=torch.float64)
+    for v, key in _bucketed(scores):
+        chunk = torch.bincount(key, weights=v.to(torch.float64))
+        mass[: chunk.numel()] += chunk
+    below = torch.cumsum(mass, 0)
+    total = float(below[-1])
+    if total == 0.0:
+        return Pruning(float("inf"), 1.0)
     limit = total - keep * total  # the most mass the smallest dropped values may carry
-    blocks = np.cumsum(np.add.reduceat(ordered, np.arange(0, n, _PRUNE_BLOCK), dtype=np.float64))
-    j = int(np.searchsorted(blocks, limit, side="right"))  # whole blocks that fit
-    base = float(blocks[j - 1]) if j > 0 else 0.0
-    partial = base + np.cumsum(ordered[j * _PRUNE_BLOCK : (j + 1) * _PRUNE_BLOCK], dtype=np.float64)
-    dropped = min(j * _PRUNE_BLOCK + int(np.searchsorted(partial, limit, side="right")), n - 1)
-    threshold = ordered[dropped]
-    first = int(np.searchsorted(ordered, threshold, side="left"))  # ties are kept too
-    kept = float(ordered[first:].sum(dtype=np.float64))
-    return Pruning(scores >= float(threshold), kept / total)
+    at = torch.tensor([limit], dtype=torch.float64)
+    b = min(int(torch.searchsorted(below, at, right=True)), mass.numel() - 1)
+    while mass[b] == 0:  # the crossing bucket holds values (rounding may point past one)
+        b -= 1
+    base = float(below[b - 1]) if b > 0 else 0.0
+    inside = torch.sort(torch.cat([v[(k == b) & (v > 0)] for v, k in _bucketed(scores)])).values
+    partial = base + torch.cumsum(inside.to(torch.float64), 0)
+    dropped = min(int(torch.searchsorted(partial, at, right=True)), inside.numel() - 1)
+    threshold = inside[dropped : dropped + 1]
+    first = int(torch.searchsorted(inside, threshold, right=False))  # ties are kept too
+    dropped_mass = float(partial[first - 1]) if first > 0 else base
+    return Pruning(float(threshold), (total - dropped_mass) / total)
 
 
 # ------------------------------------------------------------------------ encode / decode
@@ -129,19 +173,21 @@ def _feature_rows(
     values: torch.Tensor,
     scale: torch.Tensor,
     shape: tuple[int, int],
-) -> torch.Tensor:
-    """Dense float32 ``[F, S]`` edges into features from the stored CSR (encode and decode
-    both use this, so the logit-row correction is computed on exactly what is read back)."""
-    dense = torch.zeros(shape, dtype=torch.float32)
+) -> SparseRows:
+    """The float32 edges into features from the stored CSR, as a reader rebuilds them (encode
+    and decode both use this, so the logit-row correction is computed on exactly what is read
+    back)."""
     ptr = indptr.to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(shape[0]), ptr[1:] - ptr[:-1])
-    dense[rows, indices.to(torch.int64)] = values.to(torch.float32) * scale[rows]
-    return dense
+    out = SparseRows(ptr, indices.to(torch.int64), values.to(torch.float32), shape)
+    for r0, r1 in out.row_blocks(0, shape[0]):  # values * their row's scale, in place
+        p0, p1 = int(ptr[r0]), int(ptr[r1])
+        out.values[p0:p1] *= scale[out.row_ids(r0, r1)]
+    return out
 
 
 def _assemble(
     manifest: GraphManifest,
-    feature_rows: torch.Tensor,
+    feature_rows: SparseRows,
     logit_rows: torch.Tensor,
     graph_parts: dict[str, torch.Tensor],
 ) -> AttributionGraph:
@@ -149,23 +195,25 @@ def _assemble(
     s = f + (manifest.n_layers + 1) * manifest.n_pos
     n = s + manifest.n_logits
     adjacency = torch.zeros(n, n, dtype=torch.float32)
-    adjacency[:f, :s] = feature_rows
+    feature_rows.to_dense(out=adjacency[:f, :s])
     adjacency[s:, :s] = logit_rows
     return AttributionGraph(manifest=manifest, adjacency=adjacency, **graph_parts)
 
 
 def _kept_rows(
-    a: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kept edges of feature rows ``a`` ``[F, S]`` as CSR (indptr int32, column indices,
-    float16 values relative to each row's largest kept magnitude, and that per-row scale),
-    built a block of rows at a time (no int64 index pair per edge of the whole graph)."""
+    scores: EdgeScores, pruning: Pruning
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The kept edges of the feature rows as CSR (indptr int32, column indices, float16
+    values relative to each row's largest kept magnitude, and that per-row scale), built a
+    block of rows at a time; and the number of non-zero edges."""
+    a = scores.rows
     f = a.shape[0]
     counts, cols, rel = [], [], []
     scale = torch.zeros(f, dtype=torch.float32)
-    for r0 in range(0, f, _PRUNE_ROWS):
-        r1 = min(r0 + _PRUNE_ROWS, f)
-        rr, cc = mask[r0:r1].nonzero(as_tuple=True)
+    nonzero = 0
+    for r0, r1, block in scores.blocks():
+        nonzero += int(torch.count_nonzero(a[r0:r1]))
+        rr, cc = pruning.keeps(block).nonzero(as_tuple=True)
         vals = a[r0:r1][rr, cc].to(torch.float32)
         sc = torch.zeros(r1 - r0, dtype=torch.float32)
         if vals.numel():
@@ -183,6 +231,7 @@ def _kept_rows(
         torch.cat(cols) if cols else empty.to(torch.int32),
         torch.cat(rel) if rel else empty.to(torch.float16),
         scale,
+        nonzero,
     )
 
 
@@ -193,40 +242,27 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
     a = graph.adjacency
     influence = _influence(graph)
     total = influence.total
-    scores = edge_scores(influence, graph)
+    scores = EdgeScores.of(influence, graph)
     pruning = prune(scores, keep)
-    del scores
-    indptr, cols, rel, scale = _kept_rows(a[:f, :s], pruning.mask)
+    indptr, cols, rel, scale, n_nonzero = _kept_rows(scores, pruning)
     n_kept_edges = int(cols.numel())
-    kept_mass = pruning.kept_mass
-    del pruning
     # feature rows exactly as a reader will rebuild them from the stored CSR
     kept = _feature_rows(indptr, cols, rel, scale, (f, s))
     act = graph.activations.to(torch.float64)
     inv_act = torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
     # Logit rows: direct edges + what the dropped (and rounded) feature edges carried, so
     # that total influence computed from the stored graph equals the full graph's.
-    logit_rows = (total - scaled_rows_product(total[:, :f], kept, inv_act, slice(0, s))).to(
-        torch.float32
-    )
+    logit_rows = (total - scaled_rows_product(total[:, :f], kept, inv_act)).to(torch.float32)
     direct = a[graph.logit_slice, :s]
     # Verify by solving the stored graph's influence afresh (as the analysis will, from the
     # float16/float32 values written) instead of trusting the algebra.
-    order = layer_order(graph)
-    if influence.backward_edges == 0 and order is None:
-        check: torch.Tensor | None
+    check: torch.Tensor | None = None
+    if influence.backward_edges == 0 and layer_order(graph) is None:
         check, residual = solve_rows(kept, graph.activations, logit_rows.to(torch.float64),
                                      graph.features[:, 0])  # fmt: skip
         if residual > _influence_mod.SOLVE_TOLERANCE:
             check = None
-    else:
-        check, _ = solve_total(
-            normalized_feature_rows(kept, graph.activations),
-            logit_rows.to(torch.float64),
-            triangular=influence.backward_edges == 0,
-            order=order,
-        )
-    if check is None:  # the solve is not trusted (as for the full graph): the analysis' series
+    if check is None:  # the solve is not trusted (as for the full graph): the analysis' path
         parts = {"features": graph.features, "activations": graph.activations}
         check = _influence(_assemble(graph.manifest, kept, logit_rows, parts)).total
     del kept
@@ -253,9 +289,9 @@ def encode(graph: AttributionGraph, keep: float = EDGE_MASS_KEPT) -> tuple[bytes
             "tensors": {name: list(t.shape) for name, t in tensors.items()},
             "limits": {
                 **graph.manifest.limits,
-                "edges_mass_kept": kept_mass,
+                "edges_mass_kept": pruning.kept_mass,
                 "edges_keep_target": keep,
-                "edges_feature_nonzero": int(torch.count_nonzero(a[:f, :s])),
+                "edges_feature_nonzero": n_nonzero,
                 "edges_feature_kept": n_kept_edges,
                 "logit_rows_shift": float((logit_rows - direct).abs().max())
                 / (float(direct.abs().max()) or 1.0),

@@ -29,6 +29,7 @@ recomputed through the features.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,8 +40,17 @@ from common.graph.model import AttributionGraph, all_finite
 
 NodeKind = Literal["feature", "error", "token", "logit"]
 
-#: relative residual above which the linear solve is not trusted (float64; typical ~1e-15)
+#: backward error above which the linear solve is not trusted (float64; typical ~1e-15)
 SOLVE_TOLERANCE = 1e-8
+
+
+def backward_error(err: float, a_max: float, g_max: float, n_colsum_max: float) -> float:
+    """Normwise backward error of a solve of ``G (I - N) = A``: the largest residual entry
+    ``err`` over ``max |A| + max |G| * ||I - N||_1`` with ``||I - N||_1 <= 1 + max_j sum_i |N_ij|``
+    (the infinity-norm backward error of a row system). Relative to ``max |A|`` alone, a graph
+    whose paths amplify (``|G|`` many times ``|A|``) fails an exact solve on rounding alone."""
+    scale = a_max + g_max * (1.0 + n_colsum_max)
+    return err / scale if scale > 0 else err
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,7 @@ class LogitInfluence:
     total: torch.Tensor  # [K, S] float64, S = F + errors + tokens; rows follow the logit nodes
     direct: torch.Tensor  # [K, S] float64: the one-hop part (A_L,S)
     method: Literal["solve", "series"]
-    residual: float  # max |G (I - N) - A_LF| / max |A_LF|
+    residual: float  # backward error of G (I - N) = A_LF (:func:`backward_error`)
     hops: int  # longest path (in feature hops) that carries any weight; -1 if unknown
     backward_edges: int  # feature edges not from an earlier to a later layer (should be 0)
 
@@ -209,61 +219,136 @@ def logit_influence(
     )
 
 
-#: feature rows converted to float64 at a time (bounds the memory of the block solve)
+#: feature rows converted to float64 at a time (bounds the memory of the products)
 _CHUNK_ROWS = 1024
 
+#: stored edges of a row block scattered at a time (bounds the ``[K, nnz]`` temporary)
+_CHUNK_EDGES = 1 << 20
 
-def scaled_rows_product(
-    coef: torch.Tensor, rows: torch.Tensor, inv_act: torch.Tensor, cols: slice
-) -> torch.Tensor:
-    """``coef @ diag(inv_act) @ rows[:, cols]`` in float64, ``rows`` (float32) converted a
-    chunk of rows at a time: no float64 copy of the whole matrix."""
-    out = torch.zeros(coef.shape[0], cols.stop - (cols.start or 0), dtype=torch.float64)
-    for r0 in range(0, rows.shape[0], _CHUNK_ROWS):
-        r1 = min(r0 + _CHUNK_ROWS, rows.shape[0])
-        out.addmm_(coef[:, r0:r1] * inv_act[r0:r1], rows[r0:r1, cols].to(torch.float64))
+#: a sparse row block denser than this is densified and multiplied instead of scattered
+_DENSE_BLOCK = 0.05
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """Feature rows ``[F, S]`` as CSR: int64 ``indptr`` ``[F + 1]`` and column ``indices``,
+    float32 ``values`` (what a stored graph's reader rebuilds, so products on it are products
+    on the stored graph)."""
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+
+    def row_blocks(self, r0: int, r1: int) -> Iterator[tuple[int, int]]:
+        """Consecutive ``(q0, q1)`` row ranges of ``r0:r1`` of about ``_CHUNK_EDGES`` cells each
+        (small temporaries, which the allocator reuses instead of faulting in fresh pages)."""
+        step = max(1, _CHUNK_EDGES // max(self.shape[1], 1))
+        for q0 in range(r0, r1, step):
+            yield q0, min(q0 + step, r1)
+
+    def block(self, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``r0:r1`` as a dense ``[r1 - r0, S]`` matrix."""
+        out = torch.zeros(r1 - r0, self.shape[1], dtype=dtype)
+        p0, p1 = int(self.indptr[r0]), int(self.indptr[r1])
+        out[self.row_ids(r0, r1) - r0, self.indices[p0:p1]] = self.values[p0:p1].to(dtype)
+        return out
+
+    def to_dense(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense float32 ``[F, S]`` matrix (written into ``out``, a view of that shape,
+        when given)."""
+        dense = torch.empty(self.shape, dtype=torch.float32) if out is None else out
+        for q0, q1 in self.row_blocks(0, self.shape[0]):
+            dense[q0:q1] = self.block(q0, q1)
+        return dense
+
+    def row_ids(self, r0: int, r1: int) -> torch.Tensor:
+        """Row index (absolute) of every stored edge of rows ``r0:r1``."""
+        counts = self.indptr[r0 + 1 : r1 + 1] - self.indptr[r0:r1]
+        return torch.repeat_interleave(torch.arange(r0, r1), counts)
+
+
+Rows = torch.Tensor | SparseRows
+
+
+def _push(
+    out: torch.Tensor, coef: torch.Tensor, rows: Rows, r0: int, r1: int, cols: Sequence[slice]
+) -> None:
+    """``out[:, c] += coef @ rows[r0:r1, c]`` for each column range ``c`` (float64; ``coef``
+    ``[K, r1 - r0]``). A sparse block adds every stored edge of those rows (``cols`` only
+    narrows dense blocks, whose entries outside them are zero)."""
+    if isinstance(rows, torch.Tensor):
+        for c in cols:
+            out[:, c].addmm_(coef, rows[r0:r1, c].to(torch.float64))
+        return
+    for q0, q1 in rows.row_blocks(r0, r1):
+        p0, p1 = int(rows.indptr[q0]), int(rows.indptr[q1])
+        cq = coef[:, q0 - r0 : q1 - r0]
+        if p1 == p0:
+            continue
+        if (p1 - p0) > _DENSE_BLOCK * (q1 - q0) * rows.shape[1]:
+            block = rows.block(q0, q1, torch.float64)
+            for c in cols:
+                out[:, c].addmm_(cq, block[:, c])
+        else:
+            vals = rows.values[p0:p1].to(torch.float64)
+            out.index_add_(1, rows.indices[p0:p1], cq[:, rows.row_ids(q0, q1) - q0] * vals)
+
+
+def _inverse(activations: torch.Tensor) -> torch.Tensor:
+    """``1 / a`` in float64, 0 for an inactive feature (slope 0)."""
+    act = activations.to(torch.float64)
+    return torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
+
+
+def scaled_rows_product(coef: torch.Tensor, rows: Rows, inv_act: torch.Tensor) -> torch.Tensor:
+    """``coef @ diag(inv_act) @ rows`` ``[K, S]`` in float64 from float32 rows (dense: converted
+    a chunk of rows at a time; sparse: edge by edge), with no float64 copy of the matrix."""
+    f, s = rows.shape
+    out = torch.zeros(coef.shape[0], s, dtype=torch.float64)
+    for r0 in range(0, f, _CHUNK_ROWS):
+        r1 = min(r0 + _CHUNK_ROWS, f)
+        _push(out, coef[:, r0:r1] * inv_act[r0:r1], rows, r0, r1, [slice(0, s)])
     return out
 
 
 def solve_rows(
-    feature_rows: torch.Tensor,
+    feature_rows: Rows,
     activations: torch.Tensor,
     a_ls: torch.Tensor,
     layers: torch.Tensor,
 ) -> tuple[torch.Tensor, float]:
     """``T = A_L,S + G N`` with ``G (I - N) = A_LF`` and ``N = diag(1/a) A_F,S``, for features
-    in layer order with edges only from earlier layers (``layers`` non-decreasing): back
-    substitution over layer blocks, ``G_m = A_m + G_{>m} N_{>m,m}``, reading the float32
-    ``feature_rows`` ``[F, S]`` block by block (float64 arithmetic; nothing of size F x S is
-    copied). Returns ``T`` and the relative residual ``max |G (I - N) - A_LF| / max |A_LF|``."""
+    in layer order with edges only from earlier layers (``layers`` non-decreasing).
+
+    Back substitution over layer blocks, last layer first, pushing each finished block's
+    ``G_m N_m,S`` into an accumulator: when block ``m`` is reached every later layer has
+    pushed, so ``G_m = A_m + acc_m``, and at the end ``T = A_L,S + acc``. Each row of the
+    float32 ``feature_rows`` ``[F, S]`` (dense, or :class:`SparseRows`) is read once, and only
+    its columns that can be non-zero (earlier features, errors, tokens).
+
+    Returns ``T`` and a residual: 0.0, as the substitution satisfies ``G (I - N) = A_LF`` by
+    construction (its products are the residual's); ``inf`` when a value is not finite."""
     f = feature_rows.shape[0]
-    act = activations.to(torch.float64)
-    inv_act = torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
-    a_lf = a_ls[:, :f]
-    g = a_lf.clone()
+    s = a_ls.shape[1]
+    inv_act = _inverse(activations)
+    acc = torch.zeros_like(a_ls)
     if f:
         starts = torch.searchsorted(layers.contiguous(), torch.unique_consecutive(layers))
         bounds = [*starts.tolist(), f]
         for b0, b1 in reversed(list(itertools.pairwise(bounds))):
-            if b1 == f:
-                continue
-            block = feature_rows[b1:f, b0:b1].to(torch.float64, copy=True).mul_(inv_act[b1:f, None])
-            g[:, b0:b1].addmm_(g[:, b1:f], block)
-    total = a_ls + scaled_rows_product(g, feature_rows, inv_act, slice(0, a_ls.shape[1]))
-    # total[:, :F] = A_LF + G N_FF, so G (I - N) - A_LF = G - total[:, :F]
-    scale = float(a_lf.abs().max()) if a_lf.numel() else 0.0
-    err = float((g - total[:, :f]).abs().max()) if a_lf.numel() else 0.0
+            g_m = a_ls[:, b0:b1] + acc[:, b0:b1]
+            _push(acc, g_m * inv_act[b0:b1], feature_rows, b0, b1, [slice(0, b0), slice(f, s)])
+    total = a_ls + acc
     if not bool(torch.isfinite(total).all()):
         return total, float("inf")
-    return total, err / scale if scale > 0 else err
+    return total, 0.0
 
 
 def normalized_feature_rows(feature_rows: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
     """``N = diag(1/a) A_F,S`` in float64. A feature with zero activation is inactive: slope 0,
     row 0."""
-    act = activations.to(torch.float64)
-    inv_act = torch.where(act != 0, 1.0 / torch.where(act != 0, act, 1.0), 0.0)
-    return feature_rows.to(torch.float64, copy=True).mul_(inv_act[:, None])
+    return feature_rows.to(torch.float64, copy=True).mul_(_inverse(activations)[:, None])
 
 
 def layer_order(graph: AttributionGraph) -> torch.Tensor | None:
@@ -275,24 +360,12 @@ def layer_order(graph: AttributionGraph) -> torch.Tensor | None:
     return torch.argsort(layers, stable=True)
 
 
-def solve_total(
-    n_fs: torch.Tensor, a_ls: torch.Tensor, *, triangular: bool, order: torch.Tensor | None
-) -> tuple[torch.Tensor | None, float]:
-    """``T = A_L,S + G N`` from normalized feature rows ``n_fs`` and logit rows ``a_ls``
-    (float64), or None (and the residual) when the solve is not trusted. ``triangular``:
-    no backward edge, so the features in ``order`` (:func:`layer_order`) make a triangular
-    system."""
-    f = n_fs.shape[0]
-    g, residual = _solve(n_fs[:, :f], a_ls[:, :f], triangular=triangular, order=order)
-    return (None if g is None else a_ls + g @ n_fs), residual
-
-
 def _residual(g: torch.Tensor, n_ff: torch.Tensor, a_lf: torch.Tensor) -> float:
     if a_lf.numel() == 0:
         return 0.0
-    scale = float(a_lf.abs().max())
     err = float((g - g @ n_ff - a_lf).abs().max())
-    return err / scale if scale > 0 else err
+    colsum = float(n_ff.abs().sum(0).max()) if n_ff.numel() else 0.0
+    return backward_error(err, float(a_lf.abs().max()), float(g.abs().max()), colsum)
 
 
 def _solve(

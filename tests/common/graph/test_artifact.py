@@ -92,17 +92,39 @@ def test_encode_when_the_solve_is_not_trusted(
 def test_prune_keeps_mass() -> None:
     s = torch.tensor([[5.0, 0.0, 1.0], [3.0, 0.5, 0.5]])
     half = prune(s, 0.5)
-    assert half.mask.tolist() == [[True, False, False], [False, False, False]]
+    assert half.keeps(s).tolist() == [[True, False, False], [False, False, False]]
     assert half.kept_mass == pytest.approx(0.5)
     p = prune(s, 0.9)
-    assert float(s[p.mask].sum()) >= 0.9 * float(s.sum())
-    assert p.kept_mass == pytest.approx(float(s[p.mask].sum() / s.sum()))
+    assert float(s[p.keeps(s)].sum()) >= 0.9 * float(s.sum())
+    assert p.kept_mass == pytest.approx(float(s[p.keeps(s)].sum() / s.sum()))
     # 0.95 needs one of the two 0.5s: both are kept (ties), and the mass says so
     tie = prune(s, 0.95)
-    assert tie.mask.tolist() == [[True, False, True], [True, True, True]]
+    assert tie.keeps(s).tolist() == [[True, False, True], [True, True, True]]
     assert tie.kept_mass == pytest.approx(1.0)
-    assert not prune(s, 1.0).mask[0, 1]  # zeros are never stored
-    assert not prune(torch.zeros(2, 2), 0.9).mask.any()
+    assert not prune(s, 1.0).keeps(s)[0, 1]  # zeros are never stored
+    assert not prune(torch.zeros(2, 2), 0.9).keeps(torch.zeros(2, 2)).any()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.999, 1.0])
+def test_prune_matches_a_full_sort(keep: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bucketed threshold is the one a sort of every score gives, over several chunks and
+    many octaves (heavy tails, ties, zeros)."""
+    import common.graph.artifact as mod
+
+    monkeypatch.setattr(mod, "_CHUNK", 4096)
+    gen = torch.Generator().manual_seed(0)
+    s = torch.exp(6.0 * torch.randn(300, 1000, generator=gen))
+    s[torch.rand(s.shape, generator=gen) < 0.4] = 0.0
+    s[:3] = 7.0  # ties
+    ordered = torch.sort(s[s > 0].to(torch.float64)).values
+    tail = torch.cumsum(ordered, 0)
+    total = float(tail[-1])
+    dropped = int((tail <= total - keep * total).sum())  # the smallest values that fit
+    threshold = float(ordered[min(dropped, ordered.numel() - 1)])
+    p = prune(s, keep)
+    assert p.threshold == threshold
+    assert p.kept_mass == pytest.approx(float(s[s >= threshold].double().sum()) / total, rel=1e-9)
+    assert s.numel() > mod._CHUNK  # the scores were bucketed in several chunks
 
 
 def test_store_round_trip_and_torn_pair(

@@ -181,3 +181,59 @@ def test_block_solve_in_layer_order_equals_switching_off(seed: int) -> None:
     again = logit_influence(ordered)  # type: ignore[arg-type]
     assert torch.equal(ordered.adjacency, kept)  # type: ignore[attr-defined]
     torch.testing.assert_close(again.total, inf.total, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dense_block", [0.0, 1.0])
+def test_block_solve_on_sparse_rows_equals_dense(
+    dense_block: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CSR rows a stored graph is read into solve to the same totals as the dense rows,
+    whether a row block is scattered edge by edge or densified first (and in several blocks)."""
+    import common.graph.influence as mod
+
+    monkeypatch.setattr(mod, "_DENSE_BLOCK", dense_block)
+    monkeypatch.setattr(mod, "_CHUNK_EDGES", 64)
+    ordered, _ = _in_layer_order(linear_net(seed=3, n_pos=6))
+    g = ordered  # type: ignore[assignment]
+    f, s = g.n_features, g.token_slice.stop  # type: ignore[attr-defined]
+    rows = g.adjacency[:f, :s]  # type: ignore[attr-defined]
+    nz = rows.nonzero(as_tuple=True)
+    indptr = torch.zeros(f + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(torch.bincount(nz[0], minlength=f), 0)
+    sparse = mod.SparseRows(indptr, nz[1], rows[nz].float(), (f, s))
+    assert torch.equal(sparse.to_dense(), rows.float())
+    a_ls = g.adjacency[g.logit_slice, :s].double()  # type: ignore[attr-defined]
+    layers = g.features[:, 0]  # type: ignore[attr-defined]
+    dense_total, _ = mod.solve_rows(rows, g.activations, a_ls, layers)  # type: ignore[attr-defined]
+    sparse_total, res = mod.solve_rows(sparse, g.activations, a_ls, layers)  # type: ignore[attr-defined]
+    assert res == 0.0
+    torch.testing.assert_close(sparse_total, dense_total, rtol=1e-12, atol=1e-14)
+    inv = 1.0 / g.activations.double()  # type: ignore[attr-defined]
+    coef = torch.randn(3, f, dtype=torch.float64)
+    torch.testing.assert_close(
+        mod.scaled_rows_product(coef, sparse, inv), mod.scaled_rows_product(coef, rows, inv)
+    )
+
+
+def test_amplifying_paths_are_solved_not_summed() -> None:
+    """A graph whose paths amplify (total influence ~1e11 x the direct edges) is still solved
+    directly: the solve's backward error is measured against the size of its terms, not of
+    the direct edges alone (which failed exact solves on rounding and fell back to the slow
+    series). Its result equals the series'."""
+    net = linear_net(seed=1)
+    g = net.graph
+    f = g.n_features
+    g.adjacency[:f, :f] *= 1e6
+    inf = logit_influence(g)
+    assert inf.method == "solve"
+    assert float(inf.total.abs().max()) > 1e10 * float(inf.direct.abs().max())
+    import common.graph.influence as mod
+
+    n_ff = mod.normalized_feature_rows(g.adjacency[:f, :f], g.activations)
+    series, _ = mod._series(n_ff, inf.direct[:, :f], f + 1, g)
+    torch.testing.assert_close(inf.total[:, :f], series, rtol=1e-10, atol=0.0)
+    ordered, perm = _in_layer_order(net)
+    block = logit_influence(ordered)  # type: ignore[arg-type]
+    assert block.method == "solve"
+    n_src = g.token_slice.stop
+    torch.testing.assert_close(block.total, inf.total[:, perm[:n_src]], rtol=1e-10, atol=1e-8)
