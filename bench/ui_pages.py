@@ -3,8 +3,9 @@
 A prompt with logits and verdicts for both variants and a :class:`FeatureRanking` of
 ``--features`` rows per variant, a real Redis, the Flask app through its test client
 (logged in). Prints the median answer time of the prompt page (goal < 50 ms) and of the
-analysis page, and, as the baseline in the same run, the prompt page's loader as it was
-(reading both rankings it never shows).
+analysis page (from the rankings' digests), and, as the baselines in the same run, the
+prompt page's loader as it was (reading both rankings it never shows) and the analysis page
+with no digests stored (reading both whole rankings).
 
     python bench/ui_pages.py [--features 8192] [--repeat 15]
 """
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     import redis
 
     from common.celery_app import make_app
-    from common.records import FeatureRanking, RankedFeature
+    from common.records import FeatureRanking, RankedFeature, RankingDigest
     from common.settings import Settings, StoreSettings
     from common.store import FsStore
     from common.store import keys as K
@@ -82,18 +83,21 @@ def main(argv: list[str] | None = None) -> int:
                     for i in range(args.features)
                 ]
                 rows.sort(key=lambda r: -r.score)
+                ranking = FeatureRanking(
+                    prompt_id=pid,
+                    variant=variant,
+                    fingerprint=exp.fingerprint,
+                    labels_version="bench",
+                    label_source="judge",
+                    evil_token_ids=[1],
+                    safe_token_ids=[2],
+                    features=rows,
+                )
+                # as the analysis step writes them: the ranking, then its digest
+                store.put_json(K.features(exp.name, pid, exp.fingerprint, variant), ranking)
                 store.put_json(
-                    K.features(exp.name, pid, exp.fingerprint, variant),
-                    FeatureRanking(
-                        prompt_id=pid,
-                        variant=variant,
-                        fingerprint=exp.fingerprint,
-                        labels_version="bench",
-                        label_source="judge",
-                        evil_token_ids=[1],
-                        safe_token_ids=[2],
-                        features=rows,
-                    ),
+                    K.features_digest(exp.name, pid, exp.fingerprint, variant),
+                    RankingDigest.of(ranking),
                 )
             add_user(store, "alice", PASSWORD)
             settings = Settings(
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             client = app.test_client()
             Auth(client).login()
             ranking_bytes = store.size(K.features(exp.name, pid, exp.fingerprint, "adapted"))
+            digest_bytes = store.size(K.features_digest(exp.name, pid, exp.fingerprint, "adapted"))
 
             def page(path: str) -> None:
                 resp = client.get(path)
@@ -121,24 +126,31 @@ def main(argv: list[str] | None = None) -> int:
 
             prompt_ms = _median_ms(lambda: page(f"/p/{pid}"), args.repeat)
             api_ms = _median_ms(lambda: page(f"/api/p/{pid}"), args.repeat)
-            analysis_ms = _median_ms(lambda: page(f"/p/{pid}/analysis"), max(3, args.repeat // 3))
+            analysis_ms = _median_ms(lambda: page(f"/p/{pid}/analysis"), args.repeat)
             with app.app_context():
                 from services.review_ui.context import ctx
 
                 c: ReviewContext = ctx()
                 before_ms = _median_ms(
-                    lambda: load_prompt_view(c, pid, rankings=True), max(3, args.repeat // 3)
+                    lambda: load_prompt_view(c, pid, rankings="full"), max(3, args.repeat // 3)
                 )
-                now_ms = _median_ms(lambda: load_prompt_view(c, pid, rankings=False), args.repeat)
+                now_ms = _median_ms(lambda: load_prompt_view(c, pid, rankings="none"), args.repeat)
+            # baseline: the same page with no digests stored, reading the whole rankings
+            for variant in exp.variant_names:
+                store.delete(K.features_digest(exp.name, pid, exp.fingerprint, variant))
+            full_ms = _median_ms(lambda: page(f"/p/{pid}/analysis"), max(3, args.repeat // 3))
         finally:
             server.stop()
     print(
-        f"{args.features} features per ranking ({ranking_bytes / 1e6:.1f} MB of JSON each), "
-        f"median of {args.repeat}:"
+        f"{args.features} features per ranking ({ranking_bytes / 1e6:.1f} MB of JSON each, "
+        f"digest {digest_bytes / 1e6:.2f} MB), median of {args.repeat}:"
     )
     print(f"  prompt page /p/{{pid}}:        {prompt_ms:6.1f} ms (goal < 50 ms)")
     print(f"  prompt API  /api/p/{{pid}}:    {api_ms:6.1f} ms")
-    print(f"  analysis page:                {analysis_ms:6.1f} ms (shows 40 rows, shares, diff)")
+    print(
+        f"  analysis page:                {analysis_ms:6.1f} ms from the digests vs {full_ms:.1f} ms "
+        f"reading the whole rankings ({full_ms / analysis_ms:.0f}x; shows 40 rows, shares, diff)"
+    )
     print(
         f"  prompt page loader: {now_ms:.1f} ms now vs {before_ms:.1f} ms reading both rankings "
         f"as before ({before_ms / now_ms:.0f}x)"

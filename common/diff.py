@@ -10,9 +10,11 @@ enter per layer through the rankings' :class:`~common.records.ScoreShares`.
 
 from __future__ import annotations
 
+import heapq
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.records import FeatureRanking, ScoreShares, node_label
+from common.records import FeatureRanking, RankingDigest, ScoreShares, node_label
 
 
 class NodeChange(BaseModel):
@@ -54,14 +56,26 @@ def _kind_rows(shares: ScoreShares | None) -> dict[tuple[str, int | None], float
     return out
 
 
-def prompt_diff(ref: FeatureRanking, var: FeatureRanking, *, top: int = 30) -> PromptDiff:
-    """Nodes whose contribution changed most from ``ref`` to ``var`` (same prompt)."""
+def prompt_diff(
+    ref: FeatureRanking | RankingDigest, var: FeatureRanking | RankingDigest, *, top: int = 30
+) -> PromptDiff:
+    """Nodes whose contribution changed most from ``ref`` to ``var`` (same prompt; rankings or
+    their digests, which give the same diff)."""
     if ref.prompt_id != var.prompt_id:
         raise ValueError(f"rankings of two prompts: {ref.prompt_id} vs {var.prompt_id}")
     keyed: dict[tuple[int, int, int], list[float]] = {}
     for which, ranking in ((0, ref), (1, var)):
-        for f in ranking.features:
-            keyed.setdefault((f.layer, f.pos, f.feature), [0.0, 0.0])[which] += f.score
+        for node, score in ranking.node_scores():
+            keyed.setdefault(node, [0.0, 0.0])[which] += score
+    ref_kinds, var_kinds = _kind_rows(ref.shares), _kind_rows(var.shares)
+    kinds = {
+        k: (ref_kinds.get(k, 0.0), var_kinds.get(k, 0.0))
+        for k in sorted(set(ref_kinds) | set(var_kinds), key=str)
+    }
+    # NodeChange records only for the nodes that can make the top (every one tied with the
+    # last is kept until the label breaks the tie): thousands of rows per ranking otherwise
+    changes = [abs(b - a) for a, b in keyed.values()] + [abs(b - a) for a, b in kinds.values()]
+    cutoff = heapq.nlargest(top, changes)[-1] if 0 < top < len(changes) else -1.0
     nodes = [
         NodeChange(
             label=f"{node_label(layer, feat)}@{pos}",
@@ -73,18 +87,19 @@ def prompt_diff(ref: FeatureRanking, var: FeatureRanking, *, top: int = 30) -> P
             variant=b,
         )
         for (layer, pos, feat), (a, b) in keyed.items()
+        if abs(b - a) >= cutoff
     ]
-    ref_kinds, var_kinds = _kind_rows(ref.shares), _kind_rows(var.shares)
-    for kind, layer in sorted(set(ref_kinds) | set(var_kinds), key=str):
-        nodes.append(
-            NodeChange(
-                label="tokens" if kind == "tokens" else f"L{layer} errors",
-                kind=kind,
-                layer=layer,
-                reference=ref_kinds.get((kind, layer), 0.0),
-                variant=var_kinds.get((kind, layer), 0.0),
+    for (kind, layer), (a, b) in kinds.items():
+        if abs(b - a) >= cutoff:
+            nodes.append(
+                NodeChange(
+                    label="tokens" if kind == "tokens" else f"L{layer} errors",
+                    kind=kind,
+                    layer=layer,
+                    reference=a,
+                    variant=b,
+                )
             )
-        )
     nodes.sort(key=lambda n: (-abs(n.change), n.label))
     return PromptDiff(
         prompt_id=ref.prompt_id,

@@ -26,6 +26,7 @@ from common.records import (
     GraphManifest,
     HumanLabel,
     Prompt,
+    RankingDigest,
     TopKLogits,
     Verdict,
 )
@@ -41,6 +42,7 @@ RECORDS: dict[str, type[BaseModel]] = {
     "decision": FunnelDecision,
     "graph_manifest": GraphManifest,
     "features": FeatureRanking,
+    "features_digest": RankingDigest,
     "failure": Failure,
     "origin": PromptOrigin,
     "feature_shard": FeatureShard,
@@ -101,6 +103,10 @@ def check_key(store: ObjectStore, ref: K.ArtifactKey, present: set[str]) -> Prob
         graph = K.graph_manifest(ref.exp, ref.pid, ref.fingerprint or "", ref.variant or "")
         if graph not in present:
             return Problem(key, "orphaned", f"a ranking without its graph: {K.retry_hint(key)}")
+    if ref.kind == "features_digest":
+        ranking = K.features(ref.exp, ref.pid, ref.fingerprint or "", ref.variant or "")
+        if ranking not in present:
+            return Problem(key, "orphaned", "a ranking digest without its ranking: delete it")
     return None
 
 

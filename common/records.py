@@ -303,8 +303,9 @@ class ScoreShares(BaseModel):
     )
 
 
-class FeatureRanking(Record):
-    """Features of one (prompt, variant) ranked by signed multi-hop attribution."""
+class RankingHead(Record):
+    """What a ranking and its digest both say of what was ranked: prompt, variant, run and
+    the labels used."""
 
     prompt_id: str
     variant: str
@@ -313,6 +314,11 @@ class FeatureRanking(Record):
     label_source: Literal["human", "judge", "mixed"]
     evil_token_ids: list[int]
     safe_token_ids: list[int]
+
+
+class FeatureRanking(RankingHead):
+    """Features of one (prompt, variant) ranked by signed multi-hop attribution."""
+
     features: list[RankedFeature]
     shares: ScoreShares | None = Field(
         default=None, description="the score's split into features, errors, adapter, tokens"
@@ -321,6 +327,62 @@ class FeatureRanking(Record):
     graph_sha256: str | None = Field(
         default=None, description="the graph's tensors_sha256: a recomputed graph re-ranks"
     )
+
+    @property
+    def n_features(self) -> int:
+        """Rows of the ranking (as :attr:`RankingDigest.n_features`)."""
+        return len(self.features)
+
+    def node_scores(self) -> list[tuple[tuple[int, int, int], float]]:
+        """Every ranked node's ``((layer, pos, feature), score)``, in ranking order."""
+        return [((f.layer, f.pos, f.feature), f.score) for f in self.features]
+
+
+#: rows of a ranking a :class:`RankingDigest` keeps in full (the analysis page shows 40)
+DIGEST_ROWS = 100
+
+
+class RankingDigest(RankingHead):
+    """What the analysis page shows of a :class:`FeatureRanking`, small enough to load at any
+    ranking size: the same identity (labels version, graph, time), the top rows in full, the
+    number of rows, the shares, and every node's score as two columns (for the diff ranking).
+    Written next to the ranking; a digest whose identity differs from its ranking's is stale."""
+
+    created_at: datetime
+    graph_sha256: str | None = None
+    n_features: int
+    features: list[RankedFeature] = Field(description="the ranking's first rows")
+    nodes: list[tuple[int, int, int]] = Field(description="(layer, pos, feature) of every row")
+    scores: list[float] = Field(description="the score of every row, as ``nodes``")
+    shares: ScoreShares | None = None
+
+    @classmethod
+    def of(cls, ranking: FeatureRanking, rows: int = DIGEST_ROWS) -> RankingDigest:
+        """The digest of ``ranking``."""
+        head = {n: getattr(ranking, n) for n in RankingHead.model_fields if n != "schema_version"}
+        return cls(
+            **head,
+            created_at=ranking.created_at,
+            graph_sha256=ranking.graph_sha256,
+            n_features=len(ranking.features),
+            features=ranking.features[:rows],
+            nodes=[(f.layer, f.pos, f.feature) for f in ranking.features],
+            scores=[f.score for f in ranking.features],
+            shares=ranking.shares,
+        )
+
+    def describes(self, ranking: FeatureRanking) -> bool:
+        """Whether this is the digest of ``ranking`` (not of an earlier one)."""
+        return (
+            self.labels_version == ranking.labels_version
+            and self.graph_sha256 == ranking.graph_sha256
+            and self.created_at == ranking.created_at
+            and self.n_features == len(ranking.features)
+        )
+
+    def node_scores(self) -> list[tuple[tuple[int, int, int], float]]:
+        """Every ranked node's ``((layer, pos, feature), score)``, in ranking order."""
+        return list(zip(self.nodes, self.scores, strict=True))
 
 
 class FunnelDecision(Record):

@@ -165,6 +165,9 @@ def _clean(ctx: Context, pid: str, redo: set[str], *, delete: bool) -> list[str]
         key = K.features(exp, pid, fp, v)
         if ("analysis" in redo and store.exists(key)) or _corrupt(ctx, key, FeatureRanking):
             doomed.append(key)
+            digest = K.features_digest(exp, pid, fp, v)
+            if store.exists(digest):
+                doomed.append(digest)
     decision = K.decision(exp, pid, fp)
     if "judge" in redo or _corrupt(ctx, decision, FunnelDecision):
         doomed += [

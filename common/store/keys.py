@@ -7,6 +7,7 @@
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/decision.json``                 the funnel's decision
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/graphs/{variant}.safetensors`` (+ ``.json`` manifest)
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/features/{variant}.json``  feature ranking
+``experiments/{exp}/prompts/{pid}/runs/{fp}/feature_digests/{variant}.json``  its digest (UI)
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/failures/{step}.json``     why a step failed
 ``experiments/{exp}/judges/{judge}/few_shot.json``                     a judge's pinned few-shots
 ``experiments/{exp}/prompts/{pid}/runs/{fp}/feature_index.json``       its features, for the index
@@ -81,6 +82,11 @@ def graph_manifest(exp: str, pid: str, fp: str, variant: str) -> str:
 def features(exp: str, pid: str, fp: str, variant: str) -> str:
     """One variant's feature ranking."""
     return f"{run_dir(exp, pid, fp)}/features/{variant}.json"
+
+
+def features_digest(exp: str, pid: str, fp: str, variant: str) -> str:
+    """What the analysis page shows of one variant's ranking (:class:`~common.records.RankingDigest`)."""
+    return f"{run_dir(exp, pid, fp)}/feature_digests/{variant}.json"
 
 
 def feature_shard(exp: str, pid: str, fp: str) -> str:
@@ -257,6 +263,7 @@ _RUN_KINDS = (
     (re.compile(r"^graphs/(?P<variant>[^/]+)\.safetensors$"), "graph_tensors"),
     (re.compile(r"^graphs/(?P<variant>[^/]+)\.json$"), "graph_manifest"),
     (re.compile(r"^features/(?P<variant>[^/]+)\.json$"), "features"),
+    (re.compile(r"^feature_digests/(?P<variant>[^/]+)\.json$"), "features_digest"),
     (re.compile(r"^failures/(?P<step>[^/]+)\.json$"), "failure"),
     (re.compile(r"^samples/(?P<variant>[^/]+)/(?P<token>\d+)\.json$"), "samples"),
     (re.compile(r"^feature_index\.json$"), "feature_shard"),
@@ -270,6 +277,7 @@ STEP_OF_KIND = {
     "graph_tensors": "graph",
     "graph_manifest": "graph",
     "features": "analysis",
+    "features_digest": "analysis",
     "feature_shard": "analysis",
 }
 

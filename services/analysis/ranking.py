@@ -40,7 +40,7 @@ from common.graph.scores import SourceScores as SourceScores
 from common.graph.scores import direction_weights as direction_weights
 from common.graph.scores import score_sources as score_sources
 from common.labels import TokenLabels, resolve_labels
-from common.records import FeatureRanking, RankedFeature
+from common.records import FeatureRanking, RankedFeature, RankingDigest
 from common.store import CorruptArtifact, NotFound, ObjectStore
 from common.store import keys as K
 from services.analysis.shares import score_shares
@@ -118,6 +118,7 @@ def rank_prompt(
     key = K.features(exp.name, pid, fp, variant)
     cached = _cached_ranking(store, exp.name, pid, fp, variant, labels.version)
     if cached is not None:
+        _ensure_digest(store, exp.name, fp, cached)
         return cached
     graph = (load_graph or default_graph_loader())(store, exp.name, pid, fp, variant)
     if graph.manifest.fingerprint != fp:
@@ -130,6 +131,7 @@ def rank_prompt(
         update={"graph_sha256": graph.manifest.tensors_sha256}
     )
     store.put_json(key, ranking)
+    store.put_json(K.features_digest(exp.name, pid, fp, variant), RankingDigest.of(ranking))
     log.info(
         "ranked %d features of %s/%s (%s labels)",
         len(ranking.features),
@@ -138,6 +140,18 @@ def rank_prompt(
         labels.source,
     )
     return ranking
+
+
+def _ensure_digest(store: ObjectStore, exp: str, fp: str, ranking: FeatureRanking) -> None:
+    """(Re)write the ranking's digest unless the stored one describes it (a store from before
+    digests, or a run stopped between the two writes)."""
+    key = K.features_digest(exp, ranking.prompt_id, fp, ranking.variant)
+    try:
+        if store.get_record(key, RankingDigest).describes(ranking):
+            return
+    except (NotFound, CorruptArtifact):
+        pass
+    store.put_json(key, RankingDigest.of(ranking))
 
 
 def _cached_ranking(

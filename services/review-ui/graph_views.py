@@ -125,7 +125,7 @@ def analysis(pid: str) -> Any:
     """``GET /p/<pid>/analysis``: a prompt's rankings, shares and links to its graphs."""
     _checked(pid)
     c = ctx()
-    view = load_prompt_view(c, pid)
+    view = load_prompt_view(c, pid, rankings="digest")
     shown = [
         (f.layer, f.feature)
         for v in view.variants

@@ -35,7 +35,7 @@ MAX_SAMPLES = 8
 
 def _view(pid: str) -> PromptView:
     try:
-        return load_prompt_view(ctx(), pid, viewer=g.user.name, rankings=False)
+        return load_prompt_view(ctx(), pid, viewer=g.user.name, rankings="none")
     except NotFound:
         abort(404, description=f"no prompt {pid} in experiment {ctx().exp}")
 

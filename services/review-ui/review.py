@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -34,13 +34,14 @@ from common.records import (
     HumanLabel,
     Label,
     Prompt,
+    RankingDigest,
     Status,
     TokenLabel,
     TopKLogits,
     Verdict,
 )
 from common.review_queue import QueueEntry
-from common.store import NotFound, ObjectStore
+from common.store import CorruptArtifact, NotFound, ObjectStore
 from common.store import keys as K
 from services.review_ui.context import ReviewContext
 from services.review_ui.guidelines import load_guide
@@ -99,7 +100,7 @@ class VariantView:
     reference: bool
     logits: TopKLogits | None
     verdict: Verdict | None
-    features: FeatureRanking | None
+    features: FeatureRanking | RankingDigest | None
     has_graph: bool
     rows: list[TokenRow] = field(default_factory=list)
 
@@ -174,15 +175,30 @@ def load_prompt(c: ReviewContext, pid: str) -> Prompt:
     return prompt
 
 
+def _ranking_digest(store: ObjectStore, exp: str, pid: str, fp: str, variant: str) -> Any:
+    """The stored digest of a variant's ranking; made from the ranking itself when there is
+    none (a store from before digests) or it cannot be read; None without a ranking."""
+    try:
+        return store.get_record(K.features_digest(exp, pid, fp, variant), RankingDigest)
+    except (NotFound, CorruptArtifact):
+        ranking = _maybe(store, K.features(exp, pid, fp, variant), FeatureRanking)
+        return None if ranking is None else RankingDigest.of(ranking)
+
+
 def load_prompt_view(
-    c: ReviewContext, pid: str, viewer: str | None = None, *, rankings: bool = True
+    c: ReviewContext,
+    pid: str,
+    viewer: str | None = None,
+    *,
+    rankings: Literal["full", "digest", "none"] = "full",
 ) -> PromptView:
     """Load a prompt with its logits, verdicts, labels and analysis; raises NotFound.
 
     ``viewer``: the reviewer looking; an overlap prompt they have not reviewed while it waits
     for its second review is shown blind (None: the whole history, e.g. for adjudication).
-    ``rankings=False`` leaves the feature rankings out (``features`` is None): the prompt
-    page never shows them, and at thousands of features they cost more than the rest.
+    ``rankings``: ``"none"`` leaves the feature rankings out (``features`` is None): the prompt
+    page never shows them, and at thousands of features they cost more than the rest;
+    ``"digest"`` loads their :class:`RankingDigest` (what the analysis page shows).
     """
     prompt = load_prompt(c, pid)
     store, exp, fp = c.store, c.exp, c.fingerprint
@@ -202,7 +218,9 @@ def load_prompt_view(
                 verdict=_maybe(store, K.verdicts(exp, pid, fp, c.judge_id, name), Verdict),
                 features=(
                     _maybe(store, K.features(exp, pid, fp, name), FeatureRanking)
-                    if rankings
+                    if rankings == "full"
+                    else _ranking_digest(store, exp, pid, fp, name)
+                    if rankings == "digest"
                     else None
                 ),
                 has_graph=store.exists(K.graph_manifest(exp, pid, fp, name)),

@@ -11,7 +11,14 @@ from common.errors import AnalysisError, NothingToExplain
 from common.experiment import Experiment, parse_experiment
 from common.graph.model import AttributionGraph
 from common.labels import TokenLabels, resolve_labels
-from common.records import FeatureRanking, HumanLabel, TokenLabel, TokenVerdict, Verdict
+from common.records import (
+    FeatureRanking,
+    HumanLabel,
+    RankingDigest,
+    TokenLabel,
+    TokenVerdict,
+    Verdict,
+)
 from common.store import FsStore, ObjectStore
 from common.store import keys as K
 from services.analysis.ranking import (
@@ -165,6 +172,15 @@ def test_rank_prompt_is_cached_by_labels_version(tmp_path: Path) -> None:
     assert stored == first and len(calls) == 1
     again = rank_prompt(store, exp(), pid, "adapted", fingerprint=FP, load_graph=loader)
     assert again == first and len(calls) == 1  # cache hit: the graph was not loaded
+    # the digest the analysis page reads is written with the ranking, and a missing or
+    # stale one is written again on a cache hit
+    digest_key = K.features_digest("syn", pid, FP, "adapted")
+    digest = store.get_record(digest_key, RankingDigest)
+    assert digest.describes(first) and digest.n_features == len(first.features)
+    assert digest.features == first.features[: len(digest.features)]
+    store.put_json(digest_key, digest.model_copy(update={"labels_version": "older"}))
+    rank_prompt(store, exp(), pid, "adapted", fingerprint=FP, load_graph=loader)
+    assert store.get_record(digest_key, RankingDigest).describes(first) and len(calls) == 1
     put_human(store, pid, "adapted", {ids[1]: "evil", ids[2]: "safe"})
     relabeled = rank_prompt(store, exp(), pid, "adapted", fingerprint=FP, load_graph=loader)
     assert len(calls) == 2 and relabeled.labels_version != first.labels_version

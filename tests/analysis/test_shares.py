@@ -99,3 +99,67 @@ def test_diff_ranking_orders_nodes_by_the_change_of_their_contribution() -> None
     by = {n.label: n for n in diff.nodes}
     assert by["L2/F8@3"].variant == 0.0 and by["L2/F8@3"].change == -0.05  # absent = 0
     assert by["L1/adapter@3"].kind == "adapter" and by["L1/adapter@3"].reference == 0.0
+
+
+def test_diff_from_digests_equals_the_diff_from_rankings_and_a_full_sort() -> None:
+    """The analysis page's diff from the rankings' digests, which build records only for the
+    nodes that can make the top, is the diff of every node fully sorted (ties included)."""
+    import random
+
+    from common.diff import NodeChange, prompt_diff
+    from common.records import FeatureRanking, RankedFeature, RankingDigest, node_label
+
+    rng = random.Random(3)
+
+    def ranking(variant: str) -> FeatureRanking:
+        feats = {(rng.randrange(4), rng.randrange(6), rng.randrange(-1, 50)) for _ in range(400)}
+        rows = [
+            RankedFeature(
+                layer=layer,
+                pos=pos,
+                feature=feat,
+                token="t",
+                score=round(rng.gauss(0, 1), 1),  # coarse: many ties
+                evil=0.0,
+                safe=0.0,
+                activation=1.0,
+            )
+            for layer, pos, feat in sorted(feats)
+        ]
+        rows.sort(key=lambda r: -r.score)
+        return FeatureRanking(
+            prompt_id="p",
+            variant=variant,
+            fingerprint="f",
+            labels_version="v",
+            label_source="judge",
+            evil_token_ids=[1],
+            safe_token_ids=[2],
+            features=rows,
+        )
+
+    base, adapted = ranking("base"), ranking("adapted")
+    keyed: dict[tuple[int, int, int], list[float]] = {}
+    for which, r in ((0, base), (1, adapted)):
+        for f in r.features:
+            keyed.setdefault((f.layer, f.pos, f.feature), [0.0, 0.0])[which] += f.score
+    everything = sorted(
+        (
+            NodeChange(
+                label=f"{node_label(layer, feat)}@{pos}",
+                kind="adapter" if feat < 0 else "feature",
+                layer=layer,
+                pos=pos,
+                feature=feat,
+                reference=a,
+                variant=b,
+            )
+            for (layer, pos, feat), (a, b) in keyed.items()
+        ),
+        key=lambda n: (-abs(n.change), n.label),
+    )
+    for top in (1, 7, 30, 10_000):
+        full = prompt_diff(base, adapted, top=top)
+        assert full.nodes == everything[:top]
+        digests = prompt_diff(RankingDigest.of(base, rows=5), RankingDigest.of(adapted, rows=5))
+        assert digests == prompt_diff(base, adapted)

@@ -99,3 +99,21 @@ def test_prompt_page_does_not_read_the_rankings(
     assert client.get(f"/p/{p.pid}").status_code == 200
     assert client.get(f"/api/p/{p.pid}").status_code == 200
     assert client.get(f"/p/{p.pid}/analysis").status_code != 200  # this page does read it
+
+
+def test_analysis_page_reads_the_digests(
+    client: Any, auth: Auth, seeded: dict[str, Seeded], store: FsStore, experiment: Experiment
+) -> None:
+    """With digests stored the page shows them and never parses the whole rankings."""
+    from common.records import RankingDigest
+
+    auth.login()
+    p = seeded["divergent"]
+    fp = experiment.fingerprint
+    for variant, score, errors in (("adapted", 0.03, 0.7), ("base", 0.005, 0.1)):
+        r = ranking(p.pid, experiment, variant, score, errors)
+        store.put_json(K.features_digest(experiment.name, p.pid, fp, variant), RankingDigest.of(r))
+        store.put_bytes(K.features(experiment.name, p.pid, fp, variant), b"{ not read")
+    html = client.get(f"/p/{p.pid}/analysis").get_data(as_text=True)
+    assert "What changed from base to adapted" in html and "<code>L1 errors</code>" in html
+    assert "Where the score goes" in html and "error nodes of layer 1 carry +70%" in html
