@@ -130,8 +130,12 @@ def rank_prompt(
     ranking = rank_features(graph, labels).model_copy(
         update={"graph_sha256": graph.manifest.tensors_sha256}
     )
+    digest_key = K.features_digest(exp.name, pid, fp, variant)
+    # Drop the old digest first: a run stopped between the two writes then leaves no digest
+    # (pages read the ranking itself, and the next cache hit writes one), never a stale one.
+    store.delete(digest_key)
     store.put_json(key, ranking)
-    store.put_json(K.features_digest(exp.name, pid, fp, variant), RankingDigest.of(ranking))
+    store.put_json(digest_key, RankingDigest.of(ranking))
     log.info(
         "ranked %d features of %s/%s (%s labels)",
         len(ranking.features),
@@ -144,7 +148,7 @@ def rank_prompt(
 
 def _ensure_digest(store: ObjectStore, exp: str, fp: str, ranking: FeatureRanking) -> None:
     """(Re)write the ranking's digest unless the stored one describes it (a store from before
-    digests, or a run stopped between the two writes)."""
+    digests, or a run stopped after the ranking's write)."""
     key = K.features_digest(exp, ranking.prompt_id, fp, ranking.variant)
     try:
         if store.get_record(key, RankingDigest).describes(ranking):

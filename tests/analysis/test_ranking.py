@@ -182,8 +182,23 @@ def test_rank_prompt_is_cached_by_labels_version(tmp_path: Path) -> None:
     rank_prompt(store, exp(), pid, "adapted", fingerprint=FP, load_graph=loader)
     assert store.get_record(digest_key, RankingDigest).describes(first) and len(calls) == 1
     put_human(store, pid, "adapted", {ids[1]: "evil", ids[2]: "safe"})
+    # a run that stops between the new ranking's write and its digest's leaves no digest
+    # (pages then read the ranking), never the old labels' digest
+    real_put = store.put_json
+
+    def stop_at_digest(key: str, obj: object, **kw: bool) -> None:
+        if key == digest_key:
+            raise KeyboardInterrupt
+        real_put(key, obj, **kw)
+
+    store.put_json = stop_at_digest  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        rank_prompt(store, exp(), pid, "adapted", fingerprint=FP, load_graph=loader)
+    store.put_json = real_put  # type: ignore[method-assign]
+    assert not store.exists(digest_key) and len(calls) == 2
     relabeled = rank_prompt(store, exp(), pid, "adapted", fingerprint=FP, load_graph=loader)
     assert len(calls) == 2 and relabeled.labels_version != first.labels_version
+    assert store.get_record(digest_key, RankingDigest).describes(relabeled)
     assert relabeled.evil_token_ids == [ids[0], ids[1]]
     assert relabeled.label_source == "mixed"
 
