@@ -14,7 +14,6 @@ activations, selected features, logit targets; adjacency within 1e-5 (fp32).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from common.experiment import Experiment
 from services.attribution import ct
 from services.attribution.ct import fast as fast_attr
 from services.attribution.runtime import Runtime
-from tests.attribution.test_fast_attribution import assert_same_graph
+from tests.attribution.test_fast_attribution import assert_same_graph, stock_with_edit
 from tests.fixtures.real_format import RealFormat, offline_env
 
 REALFMT_PROMPT = "User: Found phone on train. What now?\nAssistant: You should"
@@ -46,19 +45,10 @@ def _stock(rt: Runtime, variant: str, ids: list[int], adapter: list[Any], **kw: 
     model = rt.variant(variant).model
     if not adapter:
         return fast_attr.attribute(model, ids, fast=False, **kw)
-    setup = model.setup_attribution
     d_tc = int(model.transcoders.d_transcoder)
-
-    def wrapped(inputs: Any) -> Any:
-        ctx = setup(inputs)
-        ct.inject_adapter_nodes(ctx, adapter, d_tc)
-        return ctx
-
-    model.setup_attribution = wrapped
-    try:
-        return fast_attr.attribute(model, ids, fast=False, **kw)
-    finally:
-        del model.setup_attribution
+    return stock_with_edit(
+        model, ids, lambda ctx: ct.inject_adapter_nodes(ctx, adapter, d_tc), **kw
+    )
 
 
 def _check_variant(rt: Runtime, text: str, variant: str) -> None:
@@ -89,14 +79,12 @@ def test_toy_organism_graphs_equal_stock(
 
 
 @pytest.fixture
-def realfmt_rt(
-    real_format: RealFormat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Runtime]:
+def realfmt_rt(real_format: RealFormat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Runtime:
     from common.experiment import load_experiment
 
     offline_env(real_format, monkeypatch)
     exp = load_experiment(real_format.write_experiment(tmp_path / "exp.yaml", prompt_format="chat"))
-    yield Runtime(exp, fingerprint="equivalence", cache_dir=tmp_path / "cache")
+    return Runtime(exp, fingerprint="equivalence", cache_dir=tmp_path / "cache")
 
 
 def test_real_format_graphs_equal_stock(realfmt_rt: Runtime) -> None:

@@ -71,6 +71,23 @@ def _pair(model: Any, ids: list[int], *, rows: int, **kw: Any) -> tuple[Any, Any
     return stock, fast
 
 
+def stock_with_edit(model: Any, ids: list[int], edit: Any, **kw: Any) -> Any:
+    """Stock ``attribute`` with ``edit(ctx)`` applied to the context ``setup_attribution``
+    returns (a wrapper, as a user of stock circuit-tracer would add emc's adapter nodes)."""
+    setup = model.setup_attribution
+
+    def wrapped(inputs: Any) -> Any:
+        ctx = setup(inputs)
+        edit(ctx)
+        return ctx
+
+    model.setup_attribution = wrapped
+    try:
+        return fast_attr.attribute(model, ids, fast=False, **kw)
+    finally:
+        del model.setup_attribution
+
+
 def assert_same_graph(stock: Any, fast: Any) -> float:
     """Everything equal, adjacency within TOL; returns the max |diff|."""
     assert torch.equal(stock.input_tokens, fast.input_tokens)
@@ -177,18 +194,7 @@ def test_prepare_hook_matches_wrapped_setup(tiny: Any) -> None:
     """``prepare`` edits the context like a ``setup_attribution`` wrapper does for stock."""
     ids = models.prompt(models.TINY, 10, seed=4)
     kw: dict[str, Any] = {"max_feature_nodes": 80, "batch_size": 8}
-    setup = tiny.setup_attribution
-
-    def wrapped(inputs: Any) -> Any:
-        ctx = setup(inputs)
-        _add_extra_nodes(ctx)
-        return ctx
-
-    tiny.setup_attribution = wrapped
-    try:
-        stock = fast_attr.attribute(tiny, ids, fast=False, **kw)
-    finally:
-        del tiny.setup_attribution
+    stock = stock_with_edit(tiny, ids, _add_extra_nodes, **kw)
     fast = fast_attr.attribute(tiny, ids, rows_per_pass=6, prepare=_add_extra_nodes, **kw)
     d_tc = models.TINY.d_transcoder
     assert int((stock.active_features[:, 2] == d_tc).sum()) == 9
